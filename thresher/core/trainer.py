@@ -1,0 +1,182 @@
+"""The policy update: kept (prompt, response) pairs → micro-batches → AdamW steps.
+
+Two things here are easy to get wrong and are pinned by tests:
+
+- log-probs are computed for response positions only: the decoder runs once, then the LM head and
+  the softmax run on the hidden states that predict response tokens, never on the whole
+  (sequence × vocabulary) grid;
+- the loss of an optimizer step is normalized by that step's global sequence/token count, so
+  gradients accumulated over micro-batches equal the full-batch gradient whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from thresher.core.config import OptimConfig
+from thresher.core.types import Loss
+
+# Configs that change logits after the LM head; response-only projection would skip that step.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    """One kept rollout as training data: the prompt's tokens and the response's tokens."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def collate(sequences: list[TrainSequence], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Right-pad into ``(input_ids, attention_mask, response_mask)``; the mask marks response tokens."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids = seq.prompt_ids + seq.response_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        response_mask[row, len(seq.prompt_ids) : len(ids)] = True
+    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+
+
+def response_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """log π(token_t | tokens_<t) at every response position (zero elsewhere), shape [B, L].
+
+    The first token of a sequence cannot be a response token (nothing predicts it), so a response
+    mask must start at position 1 or later.
+    """
+    if bool(response_mask[:, 0].any()):
+        raise ValueError("a response token at position 0 has no context to be predicted from")
+    rows, cols = response_mask.nonzero(as_tuple=True)
+    targets = input_ids[rows, cols]
+    if _can_project_selectively(model):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[rows, cols - 1])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols - 1]
+    picked = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    out = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
+    return out.index_put((rows, cols), picked)
+
+
+def _can_project_selectively(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return False
+    base = getattr(model, "base_model", None)
+    return base is not None and base is not model and model.get_output_embeddings() is not None
+
+
+def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
+    """LR for global step ``step`` (0-based): linear warm-up, then constant or cosine decay."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    decay_steps = max(1, max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Owns the optimizer; ``train_step`` runs one global step's update on the kept sequences."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Loss,
+        config: OptimConfig,
+        *,
+        max_steps: int,
+        pad_id: int,
+        device: torch.device,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = config
+        self.max_steps = max_steps
+        self.pad_id = pad_id
+        self.device = device
+        self.seed = seed
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+        self.nonfinite_skips = 0
+
+    def train_step(self, step: int, sequences: list[TrainSequence]) -> dict[str, float]:
+        lr = learning_rate(self.config, step, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        start = time.perf_counter()
+        losses, norms, skipped, tokens = [], [], 0, 0
+        for epoch in range(self.config.epochs_per_step):
+            for batch in self._optimizer_batches(sequences, step, epoch):
+                loss, grad_norm, batch_tokens = self._update(batch)
+                tokens += batch_tokens
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    losses.append(loss)
+                    norms.append(grad_norm)
+                else:
+                    skipped += 1
+        self.nonfinite_skips += skipped
+        elapsed = time.perf_counter() - start
+        return {
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+            "lr": lr,
+            "updates": len(losses),
+            "nonfinite_updates_skipped": skipped,
+            "train_tokens": tokens,
+            "time_train": elapsed,
+            "tokens_per_s_train": tokens / elapsed if elapsed > 0 else 0.0,
+        }
+
+    def _optimizer_batches(self, sequences: list[TrainSequence], step: int, epoch: int) -> list[list[TrainSequence]]:
+        size = self.config.batch_size
+        if size is None or size >= len(sequences):
+            return [sequences]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + epoch)
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        shuffled = [sequences[i] for i in order]
+        return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
+
+    def _update(self, batch: list[TrainSequence]) -> tuple[float, float, int]:
+        """Accumulate the whole batch's gradient over micro-batches, then clip and step once."""
+        num_sequences = len(batch)
+        num_tokens = sum(len(s.response_ids) for s in batch)
+        # Length-sorted micro-batches waste less padding; the sum of their losses is order-free.
+        ordered = sorted(batch, key=len, reverse=True)
+        micro = self.config.micro_batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, num_sequences, micro):
+            input_ids, attention_mask, response_mask = collate(ordered[i : i + micro], self.pad_id, self.device)
+            token_logprobs = response_logprobs(self.model, input_ids, attention_mask, response_mask)
+            loss, _ = self.loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
+            loss.backward()
+            total += float(loss.detach())
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if math.isfinite(total) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm, num_tokens

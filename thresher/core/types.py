@@ -1,0 +1,131 @@
+"""The data that flows through a step, and the protocol each plugin kind satisfies.
+
+A plugin class has a ``name`` (what configs refer to), a nested pydantic ``Config`` (its options,
+validated from the config section), and is built as ``cls(config, context)``. ``context`` carries the
+runtime objects some plugins need (the policy, its tokenizer, the device); plugins that need none
+accept and ignore it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of the dataset, rendered and tokenized once.
+
+    ``index`` is the row in the dataset, ``text`` what the model sees (after any chat template),
+    ``token_ids`` its tokens, and ``extra`` every other field of the row (a reference answer, say),
+    which scorers receive.
+    """
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """One sampled response. ``response_ids`` are the tokens the model produced — training uses
+    these, never a re-tokenization of ``text`` — including the EOS that ended it, if any.
+
+    ``group`` is the prompt's position in the step's batch (the selector's grouping key: two equal
+    prompts are two groups) and ``sample`` the rollout's position within its group.
+    """
+
+    prompt: Prompt
+    group: int
+    sample: int
+    response_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass
+class PluginContext:
+    """Runtime objects handed to plugin constructors."""
+
+    tokenizer: Any = None
+    policy: torch.nn.Module | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+
+
+class Plugin(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Samples responses: ``len(prompts) * n`` rollouts, grouped by prompt, in order.
+
+    ``seed`` fixes the sampling (the engine derives it from the run seed and the step);
+    ``greedy`` asks for deterministic decoding (validation).
+    """
+
+    name: ClassVar[str]
+
+    def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]: ...
+
+    def load_weights(self, policy: torch.nn.Module) -> None:
+        """Make the next ``generate`` sample from the trained ``policy``."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Rewards rollouts: one finite float32 per rollout, in order."""
+
+    name: ClassVar[str]
+
+    def score(self, rollouts: list[Rollout]) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """Chooses rollouts to train on: ``rewards`` and ``valid`` are [prompts, N]; returns a bool mask."""
+
+    name: ClassVar[str]
+
+    def select(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """Training objective on the response tokens of kept rollouts.
+
+    Called once per micro-batch with per-token log-probs [B, T] and the response mask [B, T]; returns
+    this micro-batch's *share* of the global loss (already divided by the global ``num_sequences`` /
+    ``num_tokens``), so gradients accumulated over micro-batches do not depend on their size.
+    """
+
+    name: ClassVar[str]
+
+    def __call__(
+        self,
+        token_logprobs: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        num_sequences: int,
+        num_tokens: int,
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+KIND_PROTOCOLS: dict[str, type] = {
+    "generator": Generator,
+    "scorer": Scorer,
+    "selector": Selector,
+    "loss": Loss,
+}

@@ -1,0 +1,166 @@
+"""The ``hf`` generator: transformers ``generate`` on the policy itself, on CPU or GPU.
+
+It samples from the very model being trained (no copy, so no weight refresh is needed when the
+engine hands it the same module). Prompts are left-padded and batched across prompts, each repeated N
+times; the token ids the model produced are kept as they are, and each rollout records why it
+stopped: ``eos``, ``stop`` (a stop string appeared) or ``length``.
+
+Example config section::
+
+    generator: {type: hf, max_new_tokens: 64, temperature: 1.0, top_p: 0.95, stop: ["\\n\\n"]}
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
+
+
+class HFGenerator:
+    name: ClassVar[str] = "hf"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        max_new_tokens: int = Field(64, ge=1, description="Longest response, in tokens.")
+        temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 means greedy.")
+        top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+        top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens (0: off).")
+        stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the response).")
+        batch_size: int = Field(8, ge=1, description="Prompts per generate call (each repeated N times).")
+
+    def __init__(self, config: Config, context: PluginContext):
+        if context.policy is None or context.tokenizer is None:
+            raise ValueError("the hf generator needs the policy and its tokenizer in the plugin context")
+        self.config = config
+        self.model = context.policy
+        self.tokenizer = context.tokenizer
+        self.device = context.device
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]:
+        """Sample ``n`` responses for each prompt; rollouts come grouped by prompt, in order."""
+        was_training = self.model.training
+        self.model.eval()
+        rollouts: list[Rollout] = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts), self.config.batch_size):
+                    chunk = prompts[start : start + self.config.batch_size]
+                    rollouts.extend(self._generate_chunk(chunk, start, n, greedy))
+        finally:
+            self.model.train(was_training)
+        return rollouts
+
+    def _generate_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
+        input_ids, attention_mask = left_pad([p.token_ids for p in chunk], self.pad_id, self.device)
+        input_ids = input_ids.repeat_interleave(n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self._generation_config(greedy),
+            tokenizer=self.tokenizer if self.config.stop else None,
+        )
+        responses = output[:, input_ids.shape[1] :].tolist()
+        rollouts = []
+        for row, tokens in enumerate(responses):
+            ids, reason = self._trim(tokens)
+            group, sample = first_group + row // n, row % n
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            rollouts.append(Rollout(chunk[row // n], group, sample, ids, text, reason))
+        return rollouts
+
+    def _generation_config(self, greedy: bool) -> Any:
+        from transformers import GenerationConfig
+
+        sampling = not greedy and self.config.temperature > 0
+        params: dict[str, Any] = {
+            "max_new_tokens": self.config.max_new_tokens,
+            "do_sample": sampling,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": sorted(self.eos_ids),
+            "stop_strings": self.config.stop or None,
+        }
+        if sampling:
+            params.update(temperature=self.config.temperature, top_p=self.config.top_p, top_k=self.config.top_k)
+        return GenerationConfig(**params)
+
+    def _trim(self, tokens: list[int]) -> tuple[list[int], FinishReason]:
+        """Cut a generated row where it really ended and say why.
+
+        The first EOS ends a response (and is kept: training teaches the model to stop). A stop
+        string ends it at the token that completed the string. After either, ``generate`` fills the
+        row with padding, which may be the EOS id itself — hence the earliest event wins.
+        """
+        eos_at = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        limit = len(tokens) if eos_at is None else eos_at
+        stop_at = self._stop_position(tokens[:limit]) if self.config.stop else None
+        if stop_at is not None:
+            return tokens[: stop_at + 1], "stop"
+        if eos_at is not None:
+            return tokens[: eos_at + 1], "eos"
+        if len(tokens) >= self.config.max_new_tokens:
+            return tokens, "length"
+        # Shorter than the budget with no EOS: generate stopped it (a stop string matched across a
+        # token boundary we could not see); drop the trailing padding.
+        while tokens and tokens[-1] == self.pad_id:
+            tokens = tokens[:-1]
+        return tokens, "stop"
+
+    def _stop_position(self, tokens: list[int]) -> int | None:
+        """Index of the token whose decoding first contains a stop string (binary search: the
+        decoded prefix only grows, so "contains a stop string" is monotone in the prefix length)."""
+
+        def has_stop(length: int) -> bool:
+            text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            return any(s in text for s in self.config.stop)
+
+        if not tokens or not has_stop(len(tokens)):
+            return None
+        low, high = 1, len(tokens)
+        while low < high:
+            mid = (low + high) // 2
+            if has_stop(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low - 1
+
+    def load_weights(self, policy: torch.nn.Module) -> None:
+        """Sample from ``policy`` next: free when it is the module we already hold."""
+        if policy is not self.model:
+            self.model.load_state_dict(policy.state_dict())
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the trainer."""
+
+
+def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token sequences into ``(input_ids, attention_mask)`` for batched generation."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,33 @@
+"""Thresher's own plugins, registered through the same hooks a third-party package uses."""
+
+from __future__ import annotations
+
+from thresher.core.hookspecs import Register, hookimpl
+from thresher.generators.hf import HFGenerator
+from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
+from thresher.scorers.local import LocalRewardModelScorer
+from thresher.scorers.rules import RuleScorer
+from thresher.selectors.threshold import ThresholdSelector
+from thresher.selectors.topk import TopKSelector
+
+
+@hookimpl
+def register_generators(register: Register) -> None:
+    register(HFGenerator)
+
+
+@hookimpl
+def register_scorers(register: Register) -> None:
+    register(RuleScorer)
+    register(LocalRewardModelScorer)
+
+
+@hookimpl
+def register_selectors(register: Register) -> None:
+    register(TopKSelector)
+    register(ThresholdSelector)
+
+
+@hookimpl
+def register_losses(register: Register) -> None:
+    register(MaskedMeanLogprobLoss)

@@ -1,0 +1,143 @@
+"""The ``rule`` scorer: rewards from a plain Python function (a verifier, a unit test, a regex).
+
+The function is named ``module:function`` (or ``path/to/file.py:function``) and is called once per
+batch with keyword arguments, taking whichever of these it declares (all of them if it has
+``**kwargs``):
+
+- ``prompts``: the prompt texts the model saw; ``responses``: the decoded responses;
+- ``finish_reasons``: ``"eos" | "stop" | "length"`` per response (a cut-off answer is rarely right);
+- every other field of the dataset rows, as a list (``answer``, ``tests``…; ``None`` where absent).
+
+It returns one number per response. Example::
+
+    def exact_answer(responses, answer):
+        return [float(r.strip() == str(a)) for r, a in zip(responses, answer)]
+
+    scorer: {type: rule, function: my_rewards:exact_answer}
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import numbers
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from thresher.core.errors import ConfigError, ScorerError
+from thresher.core.types import PluginContext, Rollout
+
+
+class RuleScorer:
+    name: ClassVar[str] = "rule"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        function: str = Field(..., description="Reward function as module:function or file.py:function.")
+        batch_size: int = Field(256, ge=1, description="Responses per call of the function.")
+
+        @field_validator("function")
+        @classmethod
+        def _has_colon(cls, value: str) -> str:
+            module, _, attr = value.rpartition(":")
+            if not module or not attr:
+                raise ValueError("expected module:function, e.g. my_rewards:exact_answer")
+            return value
+
+    def __init__(self, config: Config, context: PluginContext | None = None):
+        self.config = config
+        self.function = load_callable(config.function, "scorer.function")
+        self.label = f"reward function {config.function!r}"
+
+    def score(self, rollouts: list[Rollout]) -> torch.Tensor:
+        rewards: list[float] = []
+        for start in range(0, len(rollouts), self.config.batch_size):
+            batch = rollouts[start : start + self.config.batch_size]
+            rewards.extend(self._score_batch(batch))
+        return torch.tensor(rewards, dtype=torch.float32)
+
+    def _score_batch(self, batch: list[Rollout]) -> list[float]:
+        kwargs = select_kwargs(self.function, rule_arguments(batch))
+        try:
+            result = self.function(**kwargs)
+        except Exception as err:  # the user's code: report it as theirs, in one line
+            raise ScorerError(f"{self.label} raised {type(err).__name__}: {err}") from err
+        return check_rewards(result, len(batch), self.label)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def rule_arguments(batch: list[Rollout]) -> dict[str, list[Any]]:
+    """Everything a reward function may ask for, one list entry per rollout."""
+    arguments: dict[str, list[Any]] = {
+        "prompts": [r.prompt.text for r in batch],
+        "responses": [r.text for r in batch],
+        "finish_reasons": [r.finish_reason for r in batch],
+    }
+    extra_fields = sorted({key for r in batch for key in r.prompt.extra})
+    for key in extra_fields:
+        arguments.setdefault(key, [r.prompt.extra.get(key) for r in batch])
+    return arguments
+
+
+def select_kwargs(function: Callable[..., Any], available: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``available`` that ``function`` declares (all of it for ``**kwargs``)."""
+    parameters = inspect.signature(function).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return available
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in available.items() if k in names}
+
+
+def check_rewards(result: Any, expected: int, label: str) -> list[float]:
+    """One finite-or-not float per response, or a :class:`ScorerError` that says what is wrong."""
+    if isinstance(result, torch.Tensor):
+        result = result.detach().flatten().tolist()
+    elif hasattr(result, "tolist"):  # numpy arrays
+        result = result.tolist()
+    if not isinstance(result, (list, tuple)):
+        raise ScorerError(f"{label} returned {type(result).__name__}; expected a list of {expected} numbers")
+    if len(result) != expected:
+        raise ScorerError(f"{label} returned {len(result)} rewards for {expected} responses")
+    rewards = []
+    for position, value in enumerate(result):
+        if not isinstance(value, numbers.Real):  # bools are Real: True/False are 1/0 rewards
+            raise ScorerError(f"{label} returned a non-number at position {position}: {value!r}")
+        rewards.append(float(value))
+    return rewards
+
+
+def load_callable(spec: str, field: str) -> Callable[..., Any]:
+    """Import ``module:attr`` or ``path/to/file.py:attr``; failures name the config field."""
+    target, _, attr = spec.rpartition(":")
+    try:
+        module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
+    except FileNotFoundError:
+        raise ConfigError([f"{field}: file {target!r} not found"]) from None
+    except ImportError as err:
+        raise ConfigError([f"{field}: cannot import module {target!r} ({err})"]) from None
+    function = getattr(module, attr, None)
+    if function is None:
+        raise ConfigError([f"{field}: module {target!r} has no attribute {attr!r}"])
+    if not callable(function):
+        raise ConfigError([f"{field}: {spec!r} is not callable"])
+    return function
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    name = f"thresher_rule_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
