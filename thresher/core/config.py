@@ -251,9 +251,17 @@ def _anchor_data_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML scalars: 8, 1e-5, true, null, [1, 2])."""
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars: 8, 1e-5, true, null, [1, 2]).
+
+    Overriding a plugin section's ``type`` with another plugin starts that section afresh: the
+    previous plugin's options would not apply to the new one.
+    """
     raw = copy.deepcopy(raw)
     problems = []
+    for kind, new_type in _type_overrides(overrides).items():
+        section = raw.get(kind)
+        if not isinstance(section, dict) or section.get("type") != new_type:
+            raw[kind] = {}  # another plugin: the old plugin's options would not apply to it
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
@@ -278,6 +286,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     if problems:
         raise ConfigError(problems)
     return raw
+
+
+def _type_overrides(overrides: list[str]) -> dict[str, Any]:
+    found = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if sep and len(parts) == 2 and parts[0] in KINDS and parts[1] == "type":
+            found[parts[0]] = text.strip()
+    return found
 
 
 def load_config(source: str | Path, overrides: list[str], registry: Registry) -> RunConfig:

@@ -161,22 +161,40 @@ class Trainer:
 
     def _update(self, batch: list[TrainSequence]) -> tuple[float, float, int]:
         """Accumulate the whole batch's gradient over micro-batches, then clip and step once."""
-        num_sequences = len(batch)
-        num_tokens = sum(len(s.response_ids) for s in batch)
-        # Length-sorted micro-batches waste less padding; the sum of their losses is order-free.
-        ordered = sorted(batch, key=len, reverse=True)
-        micro = self.config.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, num_sequences, micro):
-            input_ids, attention_mask, response_mask = collate(ordered[i : i + micro], self.pad_id, self.device)
-            token_logprobs = response_logprobs(self.model, input_ids, attention_mask, response_mask)
-            loss, _ = self.loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
-            loss.backward()
-            total += float(loss.detach())
+        total = accumulate_gradients(
+            self.model, self.loss_fn, batch, self.config.micro_batch_size, self.pad_id, self.device
+        )
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm, num_tokens
+        return total, grad_norm, sum(len(s.response_ids) for s in batch)
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    loss_fn: Loss,
+    batch: list[TrainSequence],
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> float:
+    """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss.
+
+    Every micro-batch is normalized by the counts of the *whole* batch, so the accumulated
+    gradient equals the full-batch gradient for any ``micro_batch_size``.
+    """
+    num_sequences = len(batch)
+    num_tokens = sum(len(s.response_ids) for s in batch)
+    # Length-sorted micro-batches waste less padding; the sum of their losses does not depend on order.
+    ordered = sorted(batch, key=len, reverse=True)
+    total = 0.0
+    for i in range(0, num_sequences, micro_batch_size):
+        input_ids, attention_mask, response_mask = collate(ordered[i : i + micro_batch_size], pad_id, device)
+        token_logprobs = response_logprobs(model, input_ids, attention_mask, response_mask)
+        loss, _ = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
+        loss.backward()
+        total += float(loss.detach())
+    return total

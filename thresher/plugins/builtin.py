@@ -1,4 +1,8 @@
-"""Thresher's own plugins, registered through the same hooks a third-party package uses."""
+"""Thresher's own plugins, registered through the same hooks a third-party package uses.
+
+``tryfirst`` makes built-ins register before third parties, so a plugin that reuses a built-in name
+is the one reported as the duplicate.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +15,23 @@ from thresher.selectors.threshold import ThresholdSelector
 from thresher.selectors.topk import TopKSelector
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def register_generators(register: Register) -> None:
     register(HFGenerator)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def register_scorers(register: Register) -> None:
     register(RuleScorer)
     register(LocalRewardModelScorer)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def register_selectors(register: Register) -> None:
     register(TopKSelector)
     register(ThresholdSelector)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def register_losses(register: Register) -> None:
     register(MaskedMeanLogprobLoss)

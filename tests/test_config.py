@@ -1,0 +1,146 @@
+"""Config validation through the real CLI: one line per problem, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from thresher.core.config import apply_overrides, load_config, resolve_config
+from thresher.core.errors import ConfigError
+
+
+def errors_of(result) -> list[str]:
+    assert "Traceback" not in result.output
+    return [line.removeprefix("error: ") for line in result.output.splitlines() if line.startswith("error: ")]
+
+
+def test_valid_config_resolves_plugin_sections(tiny_config, write_config, cli):
+    result = cli("config", "validate", write_config(tiny_config))
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["selector"] == {"type": "topk", "top_n_rollouts": 1, "min_reward": None}
+    assert resolved["generator"]["top_p"] == 1.0  # plugin defaults filled in
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["generator"].update(type="nope"), "generator.type: unknown generator 'nope'; available: hf"),
+        (lambda c: c["rs"].update(max_steps="many"), "rs.max_steps: Input should be a valid integer"),
+        (lambda c: c["optim"].update(lr=-1), "optim.lr: Input should be greater than 0"),
+        (lambda c: c["optim"].update(learning_rate=1e-4), "optim.learning_rate: unknown key"),
+        (lambda c: c["selector"].update(k=2), "selector.k: unknown key"),
+        (lambda c: c["selector"].update(top_n_rollouts="two"), "selector.top_n_rollouts: Input should be a valid"),
+        (lambda c: c.pop("scorer"), "scorer: section is required (choose one of: local, rule)"),
+        (lambda c: c["scorer"].pop("function"), "scorer.function: Field required"),
+        (lambda c: c["scorer"].update(function="no_colon"), "scorer.function: expected module:function"),
+        (lambda c: c.update(extra_section={}), "extra_section: unknown key"),
+        (lambda c: c["data"].pop("train"), "data.train: Field required"),
+    ],
+)
+def test_each_mistake_gives_its_one_line_message(tiny_config, write_config, cli, edit, expected):
+    edit(tiny_config)
+    result = cli("config", "validate", write_config(tiny_config))
+    assert result.exit_code == 2
+    errors = errors_of(result)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(expected), errors
+
+
+def test_all_problems_are_reported_at_once(tiny_config, write_config, cli):
+    tiny_config["generator"]["type"] = "nope"
+    tiny_config["rs"]["num_rollouts_per_prompt"] = 0
+    tiny_config["selector"]["bogus"] = True
+    result = cli("train", write_config(tiny_config))
+    assert result.exit_code == 2
+    errors = errors_of(result)
+    assert sorted(e.split(":")[0] for e in errors) == ["generator.type", "rs.num_rollouts_per_prompt", "selector.bogus"]
+
+
+def test_missing_file_and_bad_yaml(tmp_path, cli):
+    result = cli("train", tmp_path / "missing.yaml")
+    assert result.exit_code == 2
+    assert errors_of(result) == [f"config file '{tmp_path / 'missing.yaml'}': not found (presets: demo, tiny)"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rs:\n  max_steps: [1, 2\n")
+    result = cli("config", "validate", bad)
+    assert result.exit_code == 2
+    (error,) = errors_of(result)
+    assert error.startswith(f"config file '{bad}': invalid YAML at line 3")
+
+
+def test_overrides_win_over_the_file_and_parse_as_yaml(tiny_config, write_config, registry):
+    path = write_config(tiny_config)
+    config = load_config(
+        path,
+        [
+            "rs.num_rollouts_per_prompt=6",
+            "selector.type=threshold",
+            "selector.threshold=0.5",
+            "optim.grad_clip=null",
+            'generator.stop=["\\n"]',
+        ],
+        registry,
+    )
+    assert config.rs.num_rollouts_per_prompt == 6
+    assert config.selector.type == "threshold" and config.selector.config.threshold == 0.5
+    assert config.optim.grad_clip is None
+    assert config.generator.config.stop == ["\n"]
+
+
+def test_override_of_a_plugin_type_revalidates_its_section(tiny_config, write_config, cli):
+    result = cli("config", "validate", write_config(tiny_config), "--set", "selector.type=threshold")
+    assert result.exit_code == 2
+    # the old plugin's options are dropped with it; the new one's required option is reported
+    assert errors_of(result) == ["selector.threshold: Field required"]
+
+
+def test_malformed_override_names_itself(cli, tiny_config, write_config):
+    result = cli("config", "validate", write_config(tiny_config), "--set", "rs.max_steps")
+    assert result.exit_code == 2
+    assert errors_of(result) == ["--set 'rs.max_steps': expected KEY.PATH=VALUE, e.g. rs.max_steps=20"]
+    with pytest.raises(ConfigError, match="'max_steps' is not a section"):
+        apply_overrides({"rs": {"max_steps": 3}}, ["rs.max_steps.x=1"])
+
+
+def test_toml_configs_are_accepted(tmp_path, registry):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[data]\ntrain = "builtin:addition_train"\n[scorer]\ntype = "rule"\n'
+        'function = "thresher.presets.rewards:digit_share"\n[selector]\ntype = "topk"\ntop_n_rollouts = 2\n'
+    )
+    config = load_config(path, [], registry)
+    assert config.selector.config.top_n_rollouts == 2 and config.generator.type == "hf"
+
+
+def test_presets_are_valid(registry):
+    for preset in ("demo", "tiny"):
+        assert load_config(preset, [], registry).scorer.type == "rule"
+
+
+def test_resolved_config_round_trips(tiny_config, registry):
+    config = resolve_config(tiny_config, registry)
+    assert resolve_config(config.to_dict(), registry) == config
+
+
+def test_schema_lists_core_and_plugin_sections(cli):
+    import json
+
+    result = cli("config", "schema")
+    schema = json.loads(result.output)
+    assert {"model", "data", "rs", "optim", "output"} <= set(schema["run"]["properties"])
+    assert "top_n_rollouts" in schema["plugins"]["selector"]["topk"]["properties"]
+
+
+def test_real_console_script_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {train: x.jsonl}\nscorer: {type: nope}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "thresher", "config", "validate", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: scorer.type: unknown scorer 'nope'; available: local, rule"
