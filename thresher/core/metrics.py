@@ -80,7 +80,7 @@ class ConsoleReporter:
     def info(self, text: str) -> None:
         if not self.quiet:
             self.done()
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # one line per event, also in CI logs
 
     def step(self, record: dict[str, Any], max_steps: int) -> None:
         if record.get("skipped"):

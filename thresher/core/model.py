@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import string
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def resolve_device(spec: str) -> torch.device:
 def load_policy(path: str, dtype: str = "float32", seed: int = 0) -> tuple[torch.nn.Module, Any]:
     """Return ``(model, tokenizer)`` for ``path`` (see module docstring for the accepted forms)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for a hub
+    _quiet_transformers()
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name == "tiny":
@@ -55,6 +57,13 @@ def load_policy(path: str, dtype: str = "float32", seed: int = 0) -> tuple[torch
     model = model.to(DTYPES[dtype])
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def _quiet_transformers() -> None:
+    """Thresher reports its own phases; transformers' per-file progress bars would interleave."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _load_local(path: str) -> tuple[torch.nn.Module, Any]:
@@ -114,6 +123,7 @@ def _load_smollm2() -> tuple[torch.nn.Module, Any]:
         tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
         return AutoModelForCausalLM.from_pretrained(cache, local_files_only=True), tokenizer
     gguf = smollm2_gguf()
+    print(f"first use of builtin:smollm2: converting {gguf.name} to {cache} (once, ~30 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained (its config says "quantized"); rebuilding it from a

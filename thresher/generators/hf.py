@@ -88,6 +88,10 @@ class HFGenerator:
             "eos_token_id": sorted(self.eos_ids),
             "stop_strings": self.config.stop or None,
         }
+        if self.pad_id not in self.eos_ids:
+            # Padding is never a meaningful output; forbidding it also makes trailing pad ids in a
+            # generated row unambiguous (they are padding, not tokens the model chose).
+            params["suppress_tokens"] = [self.pad_id]
         if sampling:
             params.update(temperature=self.config.temperature, top_p=self.config.top_p, top_k=self.config.top_k)
         return GenerationConfig(**params)

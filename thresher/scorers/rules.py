@@ -56,14 +56,16 @@ class RuleScorer:
         self.label = f"reward function {config.function!r}"
 
     def score(self, rollouts: list[Rollout]) -> torch.Tensor:
+        # Field names come from all rollouts, so every batch gets the same arguments.
+        fields = sorted({key for r in rollouts for key in r.prompt.extra})
         rewards: list[float] = []
         for start in range(0, len(rollouts), self.config.batch_size):
             batch = rollouts[start : start + self.config.batch_size]
-            rewards.extend(self._score_batch(batch))
+            rewards.extend(self._score_batch(batch, fields))
         return torch.tensor(rewards, dtype=torch.float32)
 
-    def _score_batch(self, batch: list[Rollout]) -> list[float]:
-        kwargs = select_kwargs(self.function, rule_arguments(batch))
+    def _score_batch(self, batch: list[Rollout], fields: list[str]) -> list[float]:
+        kwargs = select_kwargs(self.function, rule_arguments(batch, fields))
         try:
             result = self.function(**kwargs)
         except Exception as err:  # the user's code: report it as theirs, in one line
@@ -74,15 +76,15 @@ class RuleScorer:
         """Nothing to release."""
 
 
-def rule_arguments(batch: list[Rollout]) -> dict[str, list[Any]]:
-    """Everything a reward function may ask for, one list entry per rollout."""
+def rule_arguments(batch: list[Rollout], fields: list[str]) -> dict[str, list[Any]]:
+    """Everything a reward function may ask for, one list entry per rollout (``None`` where a row
+    lacks one of the dataset ``fields``)."""
     arguments: dict[str, list[Any]] = {
         "prompts": [r.prompt.text for r in batch],
         "responses": [r.text for r in batch],
         "finish_reasons": [r.finish_reason for r in batch],
     }
-    extra_fields = sorted({key for r in batch for key in r.prompt.extra})
-    for key in extra_fields:
+    for key in fields:
         arguments.setdefault(key, [r.prompt.extra.get(key) for r in batch])
     return arguments
 
