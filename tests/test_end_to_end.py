@@ -150,6 +150,12 @@ def test_existing_run_is_not_overwritten_by_accident(tiny_config, write_config, 
     result = cli("train", path, "--quiet")
     assert result.exit_code == 2
     assert "error: output.dir: " in result.output and "already holds a run; use --resume" in result.output
+    # with overwrite, the old run's outputs go: a stale checkpoint or rollouts file must not survive
+    run = Path(tiny_config["output"]["dir"])
+    (run / "rollouts" / "step_9.jsonl").write_text("{}\n")
+    assert cli("train", path, "--quiet", "--set", "output.overwrite=true").exit_code == 0
+    assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step_1.jsonl"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, write_config, cli, tmp_path):

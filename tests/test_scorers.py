@@ -115,27 +115,31 @@ def test_builtin_addition_reward():
     assert addition_correct(responses, [12] * 6, reasons) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
-@pytest.fixture
-def reward_model_dir(tmp_path, tiny_tokenizer):
-    """A real (tiny, random) one-label LlamaForSequenceClassification saved to disk."""
+def save_classifier(path, tokenizer, num_labels: int):
+    """A real (tiny, random) LlamaForSequenceClassification saved with ``tokenizer`` to ``path``."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        num_labels=1,
-        pad_token_id=tiny_tokenizer.pad_token_id,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
-    path = tmp_path / "rm"
     model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path, model
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def reward_model_dir(tmp_path, tiny_tokenizer):
+    path = tmp_path / "rm"
+    return path, save_classifier(path, tiny_tokenizer, num_labels=1)
 
 
 def test_local_scorer_matches_the_model_run_on_each_text_alone(reward_model_dir):
@@ -154,18 +158,7 @@ def test_local_scorer_matches_the_model_run_on_each_text_alone(reward_model_dir)
 
 
 def test_local_scorer_rejects_a_model_that_is_not_a_reward_model(tmp_path, tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=3,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    save_classifier(tmp_path / "clf", tiny_tokenizer, num_labels=3)
     with pytest.raises(ConfigError, match="is not a reward model: it has 3 labels, expected 1"):
         LocalRewardModelScorer(LocalRewardModelScorer.Config(path=str(tmp_path / "clf")))
     with pytest.raises(ConfigError, match="is not a model directory"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from thresher.core.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt, Rollout
 
 VALIDATION_SEED_OFFSET = 7_919
+RUN_OUTPUT_DIRS = ("rollouts", "checkpoints", "final")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -43,9 +45,9 @@ class ScoredStep:
     """A step's rollouts with their rewards [P, N], validity and the selector's decision."""
 
     rollouts: list[Rollout]
-    rewards: torch.Tensor
-    valid: torch.Tensor
-    kept: torch.Tensor
+    rewards: torch.Tensor | None  # None when scoring failed (the rollouts are still written)
+    valid: torch.Tensor | None
+    kept: torch.Tensor | None
     timings: dict[str, float] = field(default_factory=dict)
 
     def kept_rollouts(self) -> list[Rollout]:
@@ -137,8 +139,11 @@ class Engine:
                 ]
             )
         if not resume:
-            for stale in ("metrics.jsonl",):
-                (run_dir / stale).unlink(missing_ok=True)
+            # A fresh run replaces the previous run's outputs (only the names Thresher writes), so
+            # nothing stale — an old checkpoint, a later step's rollouts — can be mistaken for ours.
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            for stale in RUN_OUTPUT_DIRS:
+                shutil.rmtree(run_dir / stale, ignore_errors=True)
         (run_dir / "rollouts").mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
 
