@@ -60,6 +60,13 @@ def test_all_problems_are_reported_at_once(tiny_config, write_config, cli):
     assert sorted(e.split(":")[0] for e in errors) == ["generator.type", "rs.num_rollouts_per_prompt", "selector.bogus"]
 
 
+def test_user_text_in_errors_is_not_taken_for_markup(tmp_path, cli):
+    odd = tmp_path / "[red]odd[/]" / "run.yaml"
+    result = cli("train", odd)
+    assert result.exit_code == 2
+    assert errors_of(result) == [f"config file '{odd}': not found (presets: demo, tiny)"]
+
+
 def test_missing_file_and_bad_yaml(tmp_path, cli):
     result = cli("train", tmp_path / "missing.yaml")
     assert result.exit_code == 2

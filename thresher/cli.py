@@ -24,6 +24,7 @@ from typing import Annotated, Any, TypeVar
 import pluggy
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from thresher.core.errors import ThresherError
@@ -51,7 +52,7 @@ def user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except ThresherError as err:
             for line in str(err).splitlines() or [type(err).__name__]:
-                err_console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+                err_console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -236,6 +237,6 @@ def main() -> None:
     try:
         app = build_app()
     except ThresherError as err:  # a broken plugin: report it, do not trace
-        err_console.print(f"[red]error:[/] {err}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(err.exit_code)
     app()

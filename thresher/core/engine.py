@@ -192,7 +192,7 @@ class Engine:
         """One global step. Returns its metrics record (also the rollouts file is written)."""
         t0 = time.perf_counter()
         prompts = self.stream.next_batch(self.config.rs.prompts_per_step)
-        scored = self.sample_and_select(prompts, step, label=f"step {step}/{self.config.rs.max_steps}")
+        scored = self.sample_and_select(prompts, step, label=self._step_label(step))
         self._write_rollouts(step, scored)
         kept = scored.kept_rollouts()
         record = {"kind": "train", "step": step, **step_statistics(scored)}
@@ -210,6 +210,14 @@ class Engine:
         record.update(scored.timings)
         record["time_step"] = time.perf_counter() - t0
         return record
+
+    def _step_label(self, step: int) -> str:
+        """``step 3/15`` plus the last step's rewards, for the live status line."""
+        label = f"step {step}/{self.config.rs.max_steps}"
+        if self.history:
+            last = self.history[-1]
+            label += f" (last: reward {last['reward_mean']:.3f}, kept {last['reward_kept_mean'] or 0:.3f})"
+        return label
 
     def sample_and_select(self, prompts: list[Prompt], step: int, label: str) -> ScoredStep:
         n = self.config.rs.num_rollouts_per_prompt

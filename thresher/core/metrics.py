@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -67,10 +68,10 @@ class ConsoleReporter:
         if self.quiet:
             return
         if self._status is None:
-            self._status = self.console.status(text)
+            self._status = self.console.status(escape(text))
             self._status.start()
         else:
-            self._status.update(text)
+            self._status.update(escape(text))
 
     def done(self) -> None:
         if self._status is not None:
