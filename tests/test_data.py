@@ -83,7 +83,8 @@ def test_missing_file_and_unknown_builtin(tmp_path, tiny_tokenizer):
 
 def test_long_prompts_error_or_are_skipped(tmp_path, tiny_tokenizer):
     path = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "short"}), json.dumps({"prompt": "x" * 50})])
-    with pytest.raises(DataError, match=r"p.jsonl:2: prompt is 50 tokens, over data.max_prompt_tokens=10"):
+    too_long = r"p.jsonl:2: prompt is 50 tokens, over the limit of 10 \(data.max_prompt_tokens=10\)"
+    with pytest.raises(DataError, match=too_long):
         load_prompts(str(path), tiny_tokenizer, chat_template="never", max_prompt_tokens=10)
     prompts, skipped = load_prompts(
         str(path), tiny_tokenizer, chat_template="never", max_prompt_tokens=10, on_long_prompt="skip"

@@ -1,15 +1,24 @@
 """Checkpoints: a plain directory per step, written atomically, loaded without unpickling code.
 
-``checkpoints/step_N/`` holds ``model.safetensors`` (policy weights), ``optimizer.pt`` (tensors and
-numbers only, loaded with ``weights_only=True``) and ``state.json`` (step, data position, config).
-It is written to a temporary directory, fsynced, then renamed: a crash mid-write leaves the previous
-checkpoint as the latest complete one.
+``checkpoints/step_N/`` holds
+
+- ``model.safetensors``: the policy's weights;
+- ``optimizer.pt``: AdamW's state (tensors and numbers only, loaded with ``weights_only=True``);
+- ``rng.pt``: torch's CPU (and CUDA) generator states;
+- ``state.json``: the step, the data position (prompts consumed), Python's and NumPy's RNG states and
+  the config the run was started with.
+
+The learning rate is a pure function of the step (``trainer.learning_rate``), so the step *is* the
+scheduler state. A checkpoint is written to a temporary directory, fsynced, then renamed into place:
+a crash mid-write leaves the previous checkpoint as the latest complete one, and old checkpoints are
+pruned only after a new one is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -19,54 +28,182 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from thresher.core.errors import ThresherError
+from thresher.core.errors import ConfigError, OutputError, ThresherError
+from thresher.core.faults import failpoint
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
+# Config fields a resumed run may change: they do not alter what the remaining steps compute.
+RESUME_MAY_CHANGE = (
+    "rs.max_steps",
+    "rs.val_every",
+    "rs.val_max_prompts",
+    "rs.save_every",
+    "rs.keep_last",
+    "rs.on_nonfinite_reward",
+    "optim.max_nonfinite_updates",
+    "model.device",
+    "model.threads",
+    "data.validation",
+    "output.",
+)
+
 
 def save_checkpoint(
-    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int | None = None,
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+    """Write ``root/step_{step}`` atomically, then prune to the ``keep_last`` newest."""
     final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step_"))
+    tmp: Path | None = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step_"))
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(_untie(weights), tmp / "model.safetensors")
+        failpoint("checkpoint", step)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1), encoding="utf-8")
+        torch.save(torch_rng_state(), tmp / "rng.pt")
+        payload = {**state, "step": step, "rng": python_rng_state()}
+        (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         for path in tmp.iterdir():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+            _fsync(path)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _fsync(root)
+    except OSError as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(
+            f"checkpoint of step {step}: cannot write to {root} ({err.strerror or err}); earlier checkpoints are intact"
+        ) from None
+    if keep_last is not None:
+        prune(root, keep_last)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Remove all but the ``keep_last`` newest complete checkpoints, and leftovers of crashed writes."""
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for _, path in sorted(complete_checkpoints(root))[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share memory (tied embeddings): store independent copies.
-    seen: dict[int, str] = {}
+    seen: set[int] = set()
     out = {}
     for name, tensor in weights.items():
         key = tensor.untyped_storage().data_ptr()
         out[name] = tensor.clone() if key in seen else tensor
-        seen.setdefault(key, name)
+        seen.add(key)
     return out
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     steps = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STEP_DIR.match(p.name))]
-    complete = [(s, p) for s, p in steps if (p / "state.json").is_file()]
+    return [(s, p) for s, p in steps if (p / "state.json").is_file()]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    complete = complete_checkpoints(root)
     return max(complete)[1] if complete else None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states; returns ``state.json``'s contents."""
     if not (path / "state.json").is_file():
         raise ThresherError(f"{path}: not a checkpoint directory (no state.json)")
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        set_torch_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ThresherError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    set_python_rng_state(state["rng"])
+    return state
+
+
+# --- RNG states --------------------------------------------------------------------------------
+
+
+def torch_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def python_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def set_python_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- resuming with a changed config --------------------------------------------------------------
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields whose change would make the resumed run differ from the one checkpointed."""
+    before, after = _flatten(saved), _flatten(current)
+    conflicts = []
+    for key in sorted(set(before) | set(after)):
+        if key.startswith(RESUME_MAY_CHANGE) or before.get(key) == after.get(key):
+            continue
+        conflicts.append(f"{key}: {before.get(key)!r} in the checkpoint, {after.get(key)!r} now")
+    return conflicts
+
+
+def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    conflicts = resume_conflicts(saved, current)
+    if conflicts:
+        raise ConfigError(
+            [f"--resume: {path} was made with a different config (start a new run to change these):"]
+            + [f"  {line}" for line in conflicts]
+        )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out

@@ -60,7 +60,13 @@ class RSConfig(Section):
     seed: int = Field(1234, description="Seeds data order, sampling and initialisation.")
     val_every: int = Field(0, ge=0, description="Validate every this many steps (0: only before and after).")
     val_max_prompts: int | None = Field(None, ge=1, description="Cap on validation prompts used.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every this many steps (0: only at the end).")
+    save_every: int = Field(
+        1,
+        ge=0,
+        description="Checkpoint every this many steps (0: only at the end). 1 means a crash loses at most "
+        "the step in progress.",
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are pruned after a new one is complete.")
     on_nonfinite_reward: Literal["error", "drop"] = Field(
         "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."
     )
@@ -80,6 +86,9 @@ class OptimConfig(Section):
     )
     epochs_per_step: int = Field(1, ge=1, description="Passes over a step's kept rollouts.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm (None: no clipping).")
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="Stop the run after this many updates in a row skipped for a NaN/inf loss or gradient."
+    )
 
 
 class OutputConfig(Section):

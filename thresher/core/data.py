@@ -69,6 +69,7 @@ def load_prompts(
     field: str = "prompt",
     chat_template: str = "auto",
     max_prompt_tokens: int | None = None,
+    limit_name: str = "",
     on_long_prompt: str = "error",
 ) -> tuple[list[Prompt], int]:
     """Read, render and tokenize a prompt file. Returns ``(prompts, number_skipped_as_too_long)``."""
@@ -89,9 +90,10 @@ def load_prompts(
             if on_long_prompt == "skip":
                 skipped += 1
                 continue
+            limit = limit_name or f"data.max_prompt_tokens={max_prompt_tokens}"
             raise DataError(
-                f"{where}: prompt is {len(token_ids)} tokens, over data.max_prompt_tokens={max_prompt_tokens}"
-                " (set data.on_long_prompt: skip to drop such prompts)"
+                f"{where}: prompt is {len(token_ids)} tokens, over the limit of {max_prompt_tokens} ({limit}); "
+                "set data.on_long_prompt: skip to drop such prompts"
             )
         extra = {k: v for k, v in row.items() if k not in (field, "messages")}
         prompts.append(Prompt(index=len(prompts), text=text, token_ids=tuple(token_ids), extra=extra))

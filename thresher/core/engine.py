@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +16,20 @@ from typing import Any
 
 import torch
 
-from thresher.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from thresher.core.checkpoint import check_resume_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from thresher.core.config import RunConfig, dump_config
 from thresher.core.data import PromptStream, load_prompts
-from thresher.core.errors import ConfigError, ScorerError, ThresherError
+from thresher.core.errors import OutputError, ScorerError, ThresherError
+from thresher.core.faults import failpoint
+from thresher.core.interrupt import Interrupts, StopRequested
 from thresher.core.metrics import ConsoleReporter, MetricsWriter
 from thresher.core.model import load_policy, resolve_device
 from thresher.core.registry import Registry
+from thresher.core.rundir import RunDir
 from thresher.core.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt, Rollout
 
 VALIDATION_SEED_OFFSET = 7_919
-RUN_OUTPUT_DIRS = ("rollouts", "checkpoints", "final")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -62,10 +63,13 @@ class Engine:
         self.config = config
         self.registry = registry
         self.reporter = reporter or ConsoleReporter()
-        self.run_dir = Path(config.output.dir)
+        self.run_dir = RunDir(Path(config.output.dir))
+        self.interrupts = Interrupts()
         self.history: list[dict[str, Any]] = []
         self.validation_history: list[dict[str, Any]] = []
         self.start_step = 0
+        self.completed_step = 0
+        self.checkpointed_step: int | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -74,7 +78,7 @@ class Engine:
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         if training:
-            self._prepare_run_dir(resume=bool(resume))
+            self.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, config_yaml=dump_config(cfg))
         self.device = resolve_device(cfg.model.device)
         self.reporter.phase(f"loading model {cfg.model.path}")
         t0 = time.perf_counter()
@@ -84,14 +88,23 @@ class Engine:
             f"model {cfg.model.path}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
             f"on {self.device} ({time.perf_counter() - t0:.1f}s)"
         )
+        if training:
+            self.run_dir.check_space(self.model)
         self.reporter.phase("reading prompts")
-        self.train_prompts, skipped = self._load(cfg.data.train)
+        self.train_prompts, self.skipped_long_prompts = self._load(cfg.data.train)
         self.val_prompts = self._load(cfg.data.validation)[0] if cfg.data.validation else []
         if cfg.rs.val_max_prompts is not None:
             self.val_prompts = self.val_prompts[: cfg.rs.val_max_prompts]
-        self.skipped_long_prompts = skipped
+        if self.skipped_long_prompts:
+            self.reporter.info(f"skipped {self.skipped_long_prompts} training prompts longer than the limit")
         self.stream = PromptStream(self.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle)
-        context = PluginContext(tokenizer=self.tokenizer, policy=self.model, device=self.device, seed=cfg.rs.seed)
+        context = PluginContext(
+            tokenizer=self.tokenizer,
+            policy=self.model,
+            device=self.device,
+            seed=cfg.rs.seed,
+            should_stop=lambda: self.interrupts.requested,
+        )
         self.reporter.phase("starting plugins")
         self.generator = instantiate(self.registry, "generator", cfg.generator, context)
         self.scorer = instantiate(self.registry, "scorer", cfg.scorer, context)
@@ -105,6 +118,7 @@ class Engine:
             pad_id=self.tokenizer.pad_token_id,
             device=self.device,
             seed=cfg.rs.seed,
+            interrupt_check=self.interrupts.check,
         )
         if resume:
             self._resume(resume)
@@ -112,51 +126,31 @@ class Engine:
 
     def _load(self, source: str) -> tuple[list[Prompt], int]:
         d = self.config.data
+        limit, limit_name = prompt_token_limit(self.config, self.model)
         return load_prompts(
             source,
             self.tokenizer,
             field=d.field,
             chat_template=d.chat_template,
-            max_prompt_tokens=d.max_prompt_tokens,
+            max_prompt_tokens=limit,
+            limit_name=limit_name,
             on_long_prompt=d.on_long_prompt,
         )
 
-    def _prepare_run_dir(self, resume: bool) -> None:
-        """Fail before any model loads if the run directory is unusable or holds another run."""
-        run_dir = self.run_dir
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise ThresherError(f"output.dir {str(run_dir)!r}: not writable ({err.strerror})") from None
-        if (run_dir / "metrics.jsonl").exists() and not resume and not self.config.output.overwrite:
-            raise ConfigError(
-                [
-                    f"output.dir: {str(run_dir)!r} already holds a run; use --resume, set "
-                    "output.overwrite=true, or choose another directory"
-                ]
-            )
-        if not resume:
-            # A fresh run replaces the previous run's outputs (only the names Thresher writes), so
-            # nothing stale — an old checkpoint, a later step's rollouts — can be mistaken for ours.
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            for stale in RUN_OUTPUT_DIRS:
-                shutil.rmtree(run_dir / stale, ignore_errors=True)
-        (run_dir / "rollouts").mkdir(exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(self.config), encoding="utf-8")
-
     def _resume(self, resume: str | bool) -> None:
-        path = latest_checkpoint(self.run_dir / "checkpoints") if resume is True else Path(str(resume))
+        checkpoints = self.run_dir.checkpoints
+        path = latest_checkpoint(checkpoints) if resume is True else Path(str(resume))
         if path is None:
-            raise ThresherError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        state = load_checkpoint(path, self.model, self.trainer.optimizer)
-        self.stream.load_state_dict(state["data"])
-        self.start_step = int(state["step"])
-        # Lines written after the checkpoint belong to steps that will run again: drop them.
-        kept_lines = [r for r in _read_jsonl(self.run_dir / "metrics.jsonl") if r["step"] <= self.start_step]
-        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept_lines))
+            raise ThresherError(f"--resume: no checkpoint in {checkpoints}")
+        if not (path / "state.json").is_file():
+            raise ThresherError(f"--resume: {path} is not a checkpoint directory (no state.json)")
+        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        check_resume_compatible(saved["config"], self.config.to_dict(), path)
+        load_checkpoint(path, self.model, self.trainer.optimizer)
+        self.stream.load_state_dict(saved["data"])
+        self.start_step = self.completed_step = self.checkpointed_step = int(saved["step"])
+        self.trainer.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
+        kept_lines = self.run_dir.truncate_metrics(self.start_step)
         self.history = [r for r in kept_lines if r.get("kind") == "train"]
         self.validation_history = [r for r in kept_lines if r.get("kind") == "validation"]
         self.reporter.info(f"resumed from {path} at step {self.start_step}")
@@ -164,49 +158,90 @@ class Engine:
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
-        """Train for ``rs.max_steps`` global steps; returns the per-step metrics."""
-        cfg = self.config.rs
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        """Train for ``rs.max_steps`` global steps; returns the per-step metrics.
+
+        On SIGINT/SIGTERM: the step in progress is finished if its weights already changed, else
+        abandoned; a checkpoint of the last completed step is written and
+        :class:`~thresher.core.interrupt.StopRequested` is raised.
+        """
+        metrics = MetricsWriter(self.run_dir.metrics)
         try:
-            if self.val_prompts and self.start_step == 0:
-                self._validate(0, metrics)
-            for step in range(self.start_step + 1, cfg.max_steps + 1):
-                record = self.step(step)
-                metrics.write(record)
-                self.history.append(record)
-                self.reporter.step(record, cfg.max_steps)
-                last = step == cfg.max_steps
-                if self.val_prompts and ((cfg.val_every and step % cfg.val_every == 0) or last):
-                    self._validate(step, metrics)
-                if (cfg.save_every and step % cfg.save_every == 0) or last:
-                    self._checkpoint(step)
+            with self.interrupts:
+                try:
+                    self._loop(metrics)
+                except StopRequested as stop:
+                    raise self._stopped(stop) from None
             if self.config.output.save_final:
-                self._save_final()
+                self.reporter.phase("writing final model")
+                self.run_dir.save_final(self.model, self.tokenizer)
+                self.reporter.info(f"final model: {self.run_dir.final} (load with from_pretrained)")
         finally:
             metrics.close()
             self.reporter.done()
         self.reporter.curve(self.history, self.validation_history)
         return self.history
 
+    def _loop(self, metrics: MetricsWriter) -> None:
+        cfg = self.config.rs
+        if self.val_prompts and self.start_step == 0:
+            self._validate(0, metrics)
+        for step in range(self.start_step + 1, cfg.max_steps + 1):
+            record = self.step(step)
+            metrics.write(record)
+            self.history.append(record)
+            self.completed_step = step
+            self.reporter.step(record, cfg.max_steps)
+            last = step == cfg.max_steps
+            if (cfg.save_every and step % cfg.save_every == 0) or last or self.interrupts.requested:
+                self._checkpoint(step)
+            self.interrupts.check(f"after step {step}")
+            if self.val_prompts and ((cfg.val_every and step % cfg.val_every == 0) or last):
+                self._validate(step, metrics)
+
+    def _stopped(self, stop: StopRequested) -> StopRequested:
+        """Checkpoint the last completed step (if not yet) and say how to resume."""
+        step = self.completed_step
+        if step == 0:
+            return StopRequested(stop.signum, "interrupted before the first step completed; nothing to resume")
+        if self.checkpointed_step != step:
+            self._checkpoint(step)
+        return StopRequested(
+            stop.signum,
+            f"interrupted: stopped after step {step}, checkpoint {self.run_dir.checkpoints / f'step_{step}'}; "
+            "continue with `thresher train CONFIG --resume`",
+        )
+
     def step(self, step: int) -> dict[str, Any]:
-        """One global step. Returns its metrics record (also the rollouts file is written)."""
+        """One global step. Returns its metrics record (also the rollouts file is written).
+
+        Interrupted before its weights change, the step is abandoned: the prompt stream is rewound,
+        so a resumed run takes the same prompts again.
+        """
         t0 = time.perf_counter()
-        prompts = self.stream.next_batch(self.config.rs.prompts_per_step)
-        scored = self.sample_and_select(prompts, step, label=self._step_label(step))
-        self._write_rollouts(step, scored)
-        kept = scored.kept_rollouts()
-        record = {"kind": "train", "step": step, **step_statistics(scored)}
-        record["prompts_consumed"] = self.stream.consumed
+        position = self.stream.state_dict()
+        try:
+            self.interrupts.check(f"before step {step}")
+            prompts = self.stream.next_batch(self.config.rs.prompts_per_step)
+            scored = self.sample_and_select(prompts, step, label=self._step_label(step))
+            self._write_rollouts(step, scored)
+            record = {"kind": "train", "step": step, **step_statistics(scored)}
+            record["prompts_consumed"] = self.stream.consumed
+            record["prompts_skipped_too_long"] = self.skipped_long_prompts
+            kept = scored.kept_rollouts()
+            if kept:
+                self.reporter.phase(f"step {step}: training on {len(kept)} responses")
+                sequences = [TrainSequence(r.prompt.token_ids, tuple(r.response_ids)) for r in kept]
+                record.update(self.trainer.train_step(step - 1, sequences))
+                record["skipped"] = None
+            else:
+                record.update(loss=None, grad_norm=None, time_train=0.0, train_tokens=0)
+                record["skipped"] = "no rollout selected"
+        except StopRequested:
+            self.stream.load_state_dict(position)
+            raise
         if kept:
-            self.reporter.phase(f"step {step}: training on {len(kept)} responses")
-            sequences = [TrainSequence(r.prompt.token_ids, tuple(r.response_ids)) for r in kept]
-            record.update(self.trainer.train_step(step - 1, sequences))
             self.reporter.phase(f"step {step}: refreshing generator weights")
             self.generator.load_weights(self.model)
-            record["skipped"] = None
-        else:
-            record.update(loss=None, grad_norm=None, time_train=0.0, train_tokens=0)
-            record["skipped"] = "no rollout selected"
         record.update(scored.timings)
         record["time_step"] = time.perf_counter() - t0
         return record
@@ -225,7 +260,9 @@ class Engine:
         t0 = time.perf_counter()
         rollouts = self.generator.generate(prompts, n, seed=step_seed(self.config.rs.seed, step))
         t_generate = time.perf_counter() - t0
+        self.interrupts.check(f"during step {step}")  # a stopped generation returns partial rollouts
         _check_generated(rollouts, len(prompts), n)
+        failpoint("generated", step)
         self.reporter.phase(f"{label}: scoring {len(rollouts)} responses")
         t1 = time.perf_counter()
         try:
@@ -258,6 +295,7 @@ class Engine:
         t0 = time.perf_counter()
         seed = step_seed(self.config.rs.seed, step) + VALIDATION_SEED_OFFSET
         rollouts = self.generator.generate(self.val_prompts, 1, seed=seed, greedy=True)
+        self.interrupts.check(f"while validating after step {step}")
         rewards = _as_rewards(self.scorer.score(rollouts), len(rollouts))
         finite = rewards[torch.isfinite(rewards)]
         record = {
@@ -274,36 +312,47 @@ class Engine:
 
     def _checkpoint(self, step: int) -> None:
         self.reporter.phase(f"step {step}: writing checkpoint")
-        state = {"data": self.stream.state_dict(), "config": self.config.to_dict()}
-        save_checkpoint(self.run_dir / "checkpoints", step, self.model, self.trainer.optimizer, state)
-
-    def _save_final(self) -> None:
-        self.reporter.phase("writing final model")
-        final = self.run_dir / "final"
-        self.model.save_pretrained(final)
-        self.tokenizer.save_pretrained(final)
-        self.reporter.info(f"final model: {final} (load with from_pretrained)")
+        state = {
+            "data": self.stream.state_dict(),
+            "config": self.config.to_dict(),
+            "nonfinite_in_a_row": self.trainer.nonfinite_in_a_row,
+        }
+        save_checkpoint(
+            self.run_dir.checkpoints,
+            step,
+            self.model,
+            self.trainer.optimizer,
+            state,
+            keep_last=self.config.rs.keep_last,
+        )
+        self.checkpointed_step = step
 
     def _write_rollouts(self, step: int, scored: ScoredStep) -> None:
-        path = self.run_dir / "rollouts" / f"step_{step}.jsonl"
         rewards = scored.rewards.flatten().tolist() if scored.rewards is not None else None
         kept = scored.kept.flatten().tolist() if scored.kept is not None else None
-        with path.open("w", encoding="utf-8") as handle:
-            for i, r in enumerate(scored.rollouts):
-                reward = rewards[i] if rewards is not None else None
-                row = rollout_record(r, reward, kept[i] if kept is not None else None)
-                handle.write(json.dumps({"step": step, **row}) + "\n")
+        rows = [
+            rollout_record(r, rewards[i] if rewards is not None else None, kept[i] if kept is not None else None)
+            for i, r in enumerate(scored.rollouts)
+        ]
+        self.run_dir.write_rollouts(step, rows)
 
     # --- best-of-N data production (no training) ---------------------------------------------
 
     def produce(self, out: Path, *, limit: int | None = None, write_all: bool = False) -> dict[str, int]:
-        """Generate, score and select for every training prompt (once); write the kept pairs."""
+        """Generate, score and select for every training prompt (once); write the kept pairs.
+
+        The output appears under its final name only when complete (``.partial`` until then).
+        """
         prompts = self.train_prompts[:limit] if limit else self.train_prompts
         per_batch = self.config.rs.prompts_per_step
         counts = {"prompts": 0, "rollouts": 0, "kept": 0}
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".partial")
-        with tmp.open("w", encoding="utf-8") as handle:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            handle = tmp.open("w", encoding="utf-8")
+        except OSError as err:
+            raise OutputError(f"--out {out}: cannot write ({err.strerror or err})") from None
+        with self.interrupts, handle:
             for batch_number, start in enumerate(range(0, len(prompts), per_batch), start=1):
                 batch = prompts[start : start + per_batch]
                 label = f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}"
@@ -325,6 +374,20 @@ class Engine:
         for plugin in (getattr(self, "generator", None), getattr(self, "scorer", None)):
             if plugin is not None:
                 plugin.close()
+
+
+def prompt_token_limit(config: RunConfig, model: torch.nn.Module) -> tuple[int | None, str]:
+    """The longest prompt that fits: ``data.max_prompt_tokens`` and the model's context minus the
+    generator's ``max_new_tokens``, whichever is smaller."""
+    limits: list[tuple[int, str]] = []
+    if config.data.max_prompt_tokens is not None:
+        limits.append((config.data.max_prompt_tokens, f"data.max_prompt_tokens={config.data.max_prompt_tokens}"))
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    new_tokens = getattr(config.generator.config, "max_new_tokens", 0) or 0
+    if isinstance(context, int):
+        reason = f"the model's context ({context} tokens) minus generator.max_new_tokens={new_tokens}"
+        limits.append((context - new_tokens, reason))
+    return min(limits) if limits else (None, "")
 
 
 def rollout_record(r: Rollout, reward: float | None, kept: bool | None) -> dict[str, Any]:
@@ -391,9 +454,3 @@ def _check_generated(rollouts: list[Rollout], prompts: int, n: int) -> None:
                 f"generator returned rollouts out of order at {i}: (group, sample) = "
                 f"({r.group}, {r.sample}), expected ({i // n}, {i % n})"
             )
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

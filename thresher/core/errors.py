@@ -39,3 +39,9 @@ class ScorerError(ThresherError):
     """A reward function or reward model failed or returned something that is not a reward."""
 
     exit_code = 3
+
+
+class OutputError(ThresherError):
+    """The run directory cannot hold what the run must write (permissions, a full disk)."""
+
+    exit_code = 4

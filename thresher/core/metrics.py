@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from thresher.core.errors import OutputError
+
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -29,11 +31,17 @@ class MetricsWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._handle = path.open("a", encoding="utf-8")
+        try:
+            self._handle = path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise OutputError(f"cannot write {path} ({err.strerror or err})") from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            self._handle.flush()
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path} ({err.strerror or err})") from None
 
     def close(self) -> None:
         self._handle.close()

@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from thresher.core.config import OptimConfig
+from thresher.core.errors import ThresherError
+from thresher.core.faults import failpoint
 from thresher.core.types import Loss
 
 # Configs that change logits after the LM head; response-only projection would skip that step.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+class TrainingDiverged(ThresherError):
+    """Too many consecutive updates with a NaN/inf loss or gradient."""
+
+    exit_code = 5
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class Trainer:
         pad_id: int,
         device: torch.device,
         seed: int = 0,
+        interrupt_check: Callable[[], None] = lambda: None,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -119,9 +129,12 @@ class Trainer:
             eps=config.eps,
             weight_decay=config.weight_decay,
         )
-        self.nonfinite_skips = 0
+        self.interrupt_check = interrupt_check
+        self.nonfinite_in_a_row = 0
 
     def train_step(self, step: int, sequences: list[TrainSequence]) -> dict[str, float]:
+        """Update the policy on one global step's kept sequences (``step`` counts from 0)."""
+        self.step_number = step + 1
         lr = learning_rate(self.config, step, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -130,14 +143,23 @@ class Trainer:
         losses, norms, skipped, tokens = [], [], 0, 0
         for epoch in range(self.config.epochs_per_step):
             for batch in self._optimizer_batches(sequences, step, epoch):
-                loss, grad_norm, batch_tokens = self._update(batch)
+                # An interrupt abandons the step only while the weights are still those of the last
+                # step; once an update is applied, the step finishes so a checkpoint can describe it.
+                loss, grad_norm, batch_tokens = self._update(batch, abandonable=not losses and not skipped)
                 tokens += batch_tokens
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     losses.append(loss)
                     norms.append(grad_norm)
+                    self.nonfinite_in_a_row = 0
                 else:
                     skipped += 1
-        self.nonfinite_skips += skipped
+                    self.nonfinite_in_a_row += 1
+                    if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
+                        raise TrainingDiverged(
+                            f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
+                            f"(optim.max_nonfinite_updates={self.config.max_nonfinite_updates}); the weights are "
+                            "those before them — lower optim.lr or check the loss"
+                        )
         elapsed = time.perf_counter() - start
         return {
             "loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -159,12 +181,23 @@ class Trainer:
         shuffled = [sequences[i] for i in order]
         return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
 
-    def _update(self, batch: list[TrainSequence]) -> tuple[float, float, int]:
-        """Accumulate the whole batch's gradient over micro-batches, then clip and step once."""
+    def _update(self, batch: list[TrainSequence], abandonable: bool) -> tuple[float, float, int]:
+        """Accumulate the whole batch's gradient over micro-batches, then clip and step once.
+
+        A non-finite loss or gradient skips the step: the weights and AdamW's moments stay as they were.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        total = accumulate_gradients(
-            self.model, self.loss_fn, batch, self.config.micro_batch_size, self.pad_id, self.device
-        )
+        check = self.interrupt_check if abandonable else None
+        try:
+            total = accumulate_gradients(
+                self.model, self.loss_fn, batch, self.config.micro_batch_size, self.pad_id, self.device, check
+            )
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        if abandonable:
+            self.interrupt_check()
+        failpoint("train", self.step_number)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if math.isfinite(total) and math.isfinite(grad_norm):
@@ -180,6 +213,7 @@ def accumulate_gradients(
     micro_batch_size: int,
     pad_id: int,
     device: torch.device,
+    interrupt_check: Callable[[], None] | None = None,
 ) -> float:
     """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss.
 
@@ -192,6 +226,8 @@ def accumulate_gradients(
     ordered = sorted(batch, key=len, reverse=True)
     total = 0.0
     for i in range(0, num_sequences, micro_batch_size):
+        if interrupt_check is not None:
+            interrupt_check()
         input_ids, attention_mask, response_mask = collate(ordered[i : i + micro_batch_size], pad_id, device)
         token_logprobs = response_logprobs(model, input_ids, attention_mask, response_mask)
         loss, _ = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)

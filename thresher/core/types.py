@@ -8,6 +8,7 @@ accept and ignore it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -57,6 +58,9 @@ class PluginContext:
     policy: torch.nn.Module | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    # True once the user asked the run to stop (Ctrl-C): long operations may end early; the engine
+    # discards what they return.
+    should_stop: Callable[[], bool] = lambda: False
 
 
 class Plugin(Protocol):

@@ -12,10 +12,12 @@ Example config section::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 
@@ -39,6 +41,7 @@ class HFGenerator:
         self.model = context.policy
         self.tokenizer = context.tokenizer
         self.device = context.device
+        self.should_stop = context.should_stop
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
 
@@ -67,6 +70,7 @@ class HFGenerator:
             attention_mask=attention_mask,
             generation_config=self._generation_config(greedy),
             tokenizer=self.tokenizer if self.config.stop else None,
+            stopping_criteria=StoppingCriteriaList([StopWhenAsked(self.should_stop)]),
         )
         responses = output[:, input_ids.shape[1] :].tolist()
         rollouts = []
@@ -144,6 +148,17 @@ class HFGenerator:
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the trainer."""
+
+
+class StopWhenAsked(StoppingCriteria):
+    """A ``generate`` stopping criterion that ends every row once the run is asked to stop (Ctrl-C),
+    so an interrupt does not wait for a long generation to finish."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
