@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from thresher.core.errors import ConfigError, OutputError, ThresherError
 from thresher.core.faults import failpoint
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# A full disk surfaces as OSError from Python, SafetensorError from safetensors, RuntimeError from torch.save.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 # Config fields a resumed run may change: they do not alter what the remaining steps compute.
 RESUME_MAY_CHANGE = (
@@ -76,11 +79,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or str(err)
         raise OutputError(
-            f"checkpoint of step {step}: cannot write to {root} ({err.strerror or err}); earlier checkpoints are intact"
+            f"checkpoint of step {step}: cannot write to {root} ({reason}); earlier checkpoints are intact"
         ) from None
     if keep_last is not None:
         prune(root, keep_last)

@@ -9,6 +9,7 @@ that plugin's own ``Config``. Every problem is collected and reported at once, o
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,7 +198,7 @@ def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -
         loc = e["loc"]
         if e["type"] == "missing" and len(loc) == 1 and loc[0] in skip_missing:
             continue  # already reported by the plugin-section pass
-        path = ".".join(str(p) for p in loc) or "config"
+        path = ".".join(_loc_part(p) for p in loc) or "config"
         message = e["msg"]
         if e["type"] == "extra_forbidden":
             message = "unknown key"
@@ -205,6 +206,13 @@ def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -
             message = message.removeprefix("Value error, ")
         lines.append(f"{path}: {message}" + (f" (got {e['input']!r})" if _show_input(e) else ""))
     return lines
+
+
+def _loc_part(part: object) -> str:
+    # Plain names print as they are; anything else (spaces, newlines, empty) as a quoted literal, so
+    # every problem stays on one readable line.
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_\-\[\]]+", text) else repr(text)
 
 
 def _show_input(error: dict[str, Any]) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from thresher.core.checkpoint import WRITE_ERRORS
 from thresher.core.errors import ConfigError, OutputError
 
 RUN_OUTPUTS = ("metrics.jsonl", "rollouts", "checkpoints", "final")
@@ -75,8 +76,9 @@ class RunDir:
     def guarded(self, action: Any, what: str) -> Any:
         try:
             return action()
-        except OSError as err:
-            raise OutputError(f"cannot write {self.path / what} ({err.strerror or err})") from None
+        except WRITE_ERRORS as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise OutputError(f"cannot write {self.path / what} ({reason})") from None
 
     def write_atomic(self, path: Path, text: str) -> None:
         def write() -> None:

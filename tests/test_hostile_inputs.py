@@ -1,0 +1,235 @@
+"""Bad input ends in one documented line and exit code, never a traceback, and leaves nothing a
+later run would trust (no checkpoint, no final model). Plus fuzzing of the two readers of user files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from thresher.core.config import read_config_file, resolve_config
+from thresher.core.data import load_prompts
+from thresher.core.errors import ConfigError, DataError
+
+
+def errors_of(result) -> list[str]:
+    assert "Traceback" not in result.output
+    return [line.removeprefix("error: ") for line in result.output.splitlines() if line.startswith("error: ")]
+
+
+def prompts_file(tmp_path: Path, content: bytes) -> str:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    return str(path)
+
+
+def reward_file(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "bad_rewards.py"
+    path.write_text(f"def reward(responses):\n    {body}\n")
+    return f"{path}:reward"
+
+
+def not_a_reward_model(tmp_path: Path) -> str:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=101,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    return str(tmp_path / "classifier")
+
+
+LONG_PROMPT = json.dumps({"prompt": "x" * 600}).encode()  # the tiny model's context is 512 tokens
+
+CASES = {
+    "malformed JSONL": (
+        lambda c, t: c["data"].update(train=prompts_file(t, b'{"prompt": "a"}\n{"prompt": "b"\n')),
+        2,
+        "train.jsonl:2: malformed JSON",
+    ),
+    "missing prompt field": (
+        lambda c, t: c["data"].update(train=prompts_file(t, b'{"question": "a"}\n')),
+        2,
+        "train.jsonl:1: missing field 'prompt' (or a 'messages' list)",
+    ),
+    "empty prompt file": (
+        lambda c, t: c["data"].update(train=prompts_file(t, b"\n\n")),
+        2,
+        "train.jsonl: no prompts (the file is empty)",
+    ),
+    "non-UTF-8 bytes": (
+        lambda c, t: c["data"].update(train=prompts_file(t, b'{"prompt": "\xff\xfe"}\n')),
+        2,
+        "train.jsonl: not valid UTF-8 (byte 12)",
+    ),
+    "prompt longer than the model's context": (
+        lambda c, t: c["data"].update(train=prompts_file(t, b'{"prompt": "ok"}\n' + LONG_PROMPT + b"\n")),
+        2,
+        "train.jsonl:2: prompt is 600 tokens, over the limit of 496 (the model's context (512 tokens) minus "
+        "generator.max_new_tokens=16); set data.on_long_prompt: skip to drop such prompts",
+    ),
+    "reward function raises": (
+        lambda c, t: c["scorer"].update(function=reward_file(t, "raise ValueError('no reference answer')")),
+        3,
+        "raised ValueError: no reference answer",
+    ),
+    "reward function returns the wrong shape": (
+        lambda c, t: c["scorer"].update(function=reward_file(t, "return [1.0]")),
+        3,
+        "returned 1 rewards for 2 responses",
+    ),
+    "reward function returns a non-number": (
+        lambda c, t: c["scorer"].update(function=reward_file(t, "return ['high'] * len(responses)")),
+        3,
+        "returned a non-number at position 0: 'high'",
+    ),
+    "reward model directory that is not a reward model": (
+        lambda c, t: c.update(scorer={"type": "local", "path": not_a_reward_model(t)}),
+        2,
+        "is not a reward model: it has 2 labels, expected 1",
+    ),
+    "output directory that cannot be written": (
+        lambda c, t: (t.joinpath("a-file").write_text("x"), c["output"].update(dir=str(t / "a-file" / "run"))),
+        4,
+        "/a-file/run': not writable (",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_input_gives_its_line_and_exit_code(case, tiny_config, write_config, cli, tmp_path):
+    edit, code, message = CASES[case]
+    tiny_config["rs"].update(prompts_per_step=1, num_rollouts_per_prompt=2, val_max_prompts=1)
+    tiny_config["data"]["validation"] = None
+    edit(tiny_config, tmp_path)
+    result = cli("train", write_config(tiny_config))
+    assert result.exit_code == code, result.output
+    errors = errors_of(result)
+    assert len(errors) == 1 and message in errors[0], errors
+    run = Path(tiny_config["output"]["dir"])
+    assert not list(run.glob("checkpoints/step_*")) and not (run / "final").exists()
+
+
+def test_long_prompts_can_be_skipped_and_are_counted(tiny_config, write_config, cli, tmp_path):
+    tiny_config["data"].update(
+        train=prompts_file(tmp_path, b'{"prompt": "ok"}\n' + LONG_PROMPT + b"\n"),
+        on_long_prompt="skip",
+        validation=None,
+    )
+    tiny_config["rs"]["max_steps"] = 1
+    result = cli("train", write_config(tiny_config))
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 training prompts longer than the limit" in result.output
+    (m,) = [json.loads(x) for x in (Path(tiny_config["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert m["prompts_skipped_too_long"] == 1
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs: a real full-disk condition (needs root, as CI has; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_fails_before_generating(tiny_config, write_config, cli, full_disk):
+    tiny_config["output"]["dir"] = str(full_disk / "run")
+    result = cli("train", write_config(tiny_config))
+    assert result.exit_code == 4
+    (error,) = errors_of(result)
+    assert "free, but a checkpoint and the final model of this policy need about" in error
+    assert not list((full_disk / "run" / "rollouts").iterdir())  # nothing was generated
+
+
+def test_disk_filling_up_mid_run_is_a_clean_error(tiny_config, write_config, cli, full_disk, monkeypatch):
+    # let the start-up space check pass, then run out of space for real when the checkpoint is written
+    import shutil
+
+    from thresher.core import rundir
+
+    monkeypatch.setattr(rundir, "SPACE_MARGIN", 0.0)
+    ballast = full_disk / "ballast"
+    tiny_config["output"]["dir"] = str(full_disk / "run")
+    tiny_config["data"]["validation"] = None
+    path = write_config(tiny_config)
+    free = shutil.disk_usage(full_disk).free
+    ballast.write_bytes(b"\0" * (free - 200_000))  # room for rollouts and metrics, not a checkpoint
+    result = cli("train", path)
+    assert result.exit_code == 4
+    (error,) = errors_of(result)
+    assert error.startswith("checkpoint of step 1: cannot write to") and "No space left on device" in error
+    assert not list((full_disk / "run" / "checkpoints").glob("step_*"))
+    assert not list((full_disk / "run" / "checkpoints").glob(".tmp-*"))  # the partial write is removed
+
+
+# --- fuzzing ----------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=10,
+)
+line = st.one_of(
+    st.binary(max_size=60),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"prompt": json_values}).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"messages": json_values}).map(lambda v: json.dumps(v).encode()),
+    st.text(min_size=1, max_size=30).map(lambda t: json.dumps({"prompt": t, "answer": 1}).encode()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(line, max_size=6))
+def test_fuzz_jsonl_reader_either_loads_or_raises_data_error(tmp_path, tiny_tokenizer, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        prompts, _ = load_prompts(str(path), tiny_tokenizer, chat_template="never")
+    except DataError as err:
+        assert str(err).startswith(str(path)) and "\n" not in str(err)
+        return
+    assert prompts and all(isinstance(p.text, str) and p.text.strip() for p in prompts)
+
+
+sections = st.sampled_from(["model", "data", "rs", "generator", "scorer", "selector", "loss", "optim", "output", "x"])
+keys = st.sampled_from(["type", "path", "train", "max_steps", "lr", "top_n_rollouts", "function", "k", "dir", "n"])
+config_data = st.dictionaries(
+    sections, st.one_of(json_values, st.dictionaries(keys, json_values, max_size=4)), max_size=9
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=config_data)
+def test_fuzz_config_either_validates_or_raises_config_error(tmp_path, registry, data):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        resolve_config(read_config_file(path), registry)
+    except ConfigError as err:
+        assert err.problems and all(p and "\n" not in p for p in err.problems)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=80))
+def test_fuzz_config_text_either_parses_or_raises_config_error(tmp_path, registry, text):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        resolve_config(read_config_file(path), registry)
+    except ConfigError as err:
+        assert err.problems
