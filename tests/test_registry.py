@@ -49,7 +49,7 @@ class LastRolloutPlugin:
 
 def test_builtins_are_registered(registry):
     assert registry.names("generator") == ["hf"]
-    assert registry.names("scorer") == ["local", "rule"]
+    assert registry.names("scorer") == ["local", "rule", "triton"]
     assert registry.names("selector") == ["threshold", "topk"]
     assert registry.names("loss") == ["masked_mean_logprob"]
 

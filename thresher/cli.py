@@ -176,6 +176,43 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
                     )
             console.print(table)
 
+    @app.command("serve-rm")
+    @user_errors
+    def serve_rm(
+        model: Annotated[
+            str | None, typer.Option(help="Reward model directory (one-label sequence classifier).")
+        ] = None,
+        rule: Annotated[
+            str | None, typer.Option(help="Rule reward function: module:function or file.py:function.")
+        ] = None,
+        name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "reward_model",
+        host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+        http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+        grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+        max_batch_size: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 64,
+        queue_delay_us: Annotated[int, typer.Option(help="How long the batcher waits to fill a batch (µs).")] = 1000,
+        device: Annotated[str, typer.Option(help="Torch device for --model.")] = "cpu",
+        log_file: Annotated[str | None, typer.Option(help="Write Triton's own log here.")] = None,
+    ) -> None:
+        """Serve a reward model on Triton Inference Server (NeMo-Aligner's reward contract)."""
+        from thresher.core.errors import ConfigError
+        from thresher.scorers.triton_server import RewardModelBackend, RuleBackend, ServeOptions, serve
+
+        if (model is None) == (rule is None):
+            raise ConfigError(["serve-rm: give exactly one of --model DIR or --rule module:function"])
+        backend = RuleBackend(rule) if rule else RewardModelBackend(model, device=device)
+        source = f"rule {rule}" if rule else f"model {model}"
+        options = ServeOptions(name, host, http_port, grpc_port, max_batch_size, queue_delay_us, log_file)
+
+        def ready(http_url: str, grpc_url: str) -> None:
+            typer.echo(
+                f"serving reward model {name!r} ({source}) at {http_url} and {grpc_url}; Ctrl-C to stop", err=True
+            )
+            typer.echo(f"ready {grpc_url} {http_url}")
+
+        serve(backend, options, ready)
+        typer.echo("stopped", err=True)
+
     @config_app.command("validate")
     @user_errors
     def config_validate(config: ConfigArg, set_: SetOption = None) -> None:

@@ -68,6 +68,9 @@ class RSConfig(Section):
         "the step in progress.",
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are pruned after a new one is complete.")
+    overlap_scoring: bool = Field(
+        True, description="Score each chunk of rollouts while the next is generated (generators with chunks)."
+    )
     on_nonfinite_reward: Literal["error", "drop"] = Field(
         "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."
     )

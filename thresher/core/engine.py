@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ def step_seed(seed: int, step: int) -> int:
 def instantiate(registry: Registry, kind: str, spec: Any, context: PluginContext) -> Any:
     """Build the plugin a resolved config section names: ``cls(config, context)``."""
     return registry.get(kind, spec.type)(spec.config, context)
+
+
+# (rollouts, a call that returns their reward tensors, timings)
+GeneratedStep = tuple[list[Rollout], Callable[[], list[torch.Tensor]], dict[str, float]]
 
 
 @dataclass
@@ -257,20 +263,15 @@ class Engine:
     def sample_and_select(self, prompts: list[Prompt], step: int, label: str) -> ScoredStep:
         n = self.config.rs.num_rollouts_per_prompt
         self.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses")
-        t0 = time.perf_counter()
-        rollouts = self.generator.generate(prompts, n, seed=step_seed(self.config.rs.seed, step))
-        t_generate = time.perf_counter() - t0
-        self.interrupts.check(f"during step {step}")  # a stopped generation returns partial rollouts
-        _check_generated(rollouts, len(prompts), n)
-        failpoint("generated", step)
-        self.reporter.phase(f"{label}: scoring {len(rollouts)} responses")
-        t1 = time.perf_counter()
+        pipelined = self.config.rs.overlap_scoring and hasattr(self.generator, "generate_chunks")
+        generate = self._generate_and_score_overlapped if pipelined else self._generate_then_score
+        rollouts, scores, timings = generate(prompts, n, step, label)
         try:
-            flat = _as_rewards(self.scorer.score(rollouts), len(rollouts))
+            flat = _as_rewards(torch.cat([s.flatten() for s in scores()]), len(rollouts))
         except ThresherError:
             self._write_rollouts(step, ScoredStep(rollouts, None, None, None))  # nothing generated is lost
             raise
-        t_score = time.perf_counter() - t1
+        timings["time_score"] = time.perf_counter() - timings.pop("_scoring_from")
         rewards = flat.view(len(prompts), n)
         valid = torch.isfinite(rewards)
         if not bool(valid.all()) and self.config.rs.on_nonfinite_reward == "error":
@@ -282,13 +283,64 @@ class Engine:
             )
         kept = self.selector.select(rewards, valid).to(torch.bool) & valid
         tokens = sum(len(r.response_ids) for r in rollouts)
-        timings = {
-            "time_generate": t_generate,
-            "time_score": t_score,
-            "generated_tokens": tokens,
-            "tokens_per_s_generate": tokens / t_generate if t_generate > 0 else 0.0,
-        }
+        timings["generated_tokens"] = tokens
+        timings["tokens_per_s_generate"] = tokens / timings["time_generate"] if timings["time_generate"] > 0 else 0.0
         return ScoredStep(rollouts, rewards, valid, kept, timings)
+
+    def _generate_then_score(self, prompts: list[Prompt], n: int, step: int, label: str) -> GeneratedStep:
+        t0 = time.perf_counter()
+        rollouts = self.generator.generate(prompts, n, seed=step_seed(self.config.rs.seed, step))
+        timings = {"time_generate": time.perf_counter() - t0}
+        self._after_generation(rollouts, len(prompts), n, step)
+        self.reporter.phase(f"{label}: scoring {len(rollouts)} responses")
+        timings["_scoring_from"] = time.perf_counter()
+        return rollouts, lambda: [self.scorer.score(rollouts)], timings
+
+    def _generate_and_score_overlapped(self, prompts: list[Prompt], n: int, step: int, label: str) -> GeneratedStep:
+        """Score each generated chunk on a worker thread while the next chunk is generated.
+
+        ``time_score`` then counts only the scoring left after generation ends (what the step waits
+        for); ``time_score_busy`` is the scorer's total working time.
+        """
+        busy = [0.0]
+
+        def timed_score(chunk: list[Rollout]) -> torch.Tensor:
+            t = time.perf_counter()
+            try:
+                return self.scorer.score(chunk)
+            finally:
+                busy[0] += time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        rollouts: list[Rollout] = []
+        futures = []
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thresher-score")
+        try:
+            for chunk in self.generator.generate_chunks(prompts, n, seed=step_seed(self.config.rs.seed, step)):
+                rollouts.extend(chunk)
+                if not self.interrupts.requested:
+                    futures.append(pool.submit(timed_score, chunk))
+            timings = {"time_generate": time.perf_counter() - t0}
+            self._after_generation(rollouts, len(prompts), n, step)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        self.reporter.phase(f"{label}: scoring the last of {len(rollouts)} responses")
+        timings["_scoring_from"] = time.perf_counter()
+
+        def scores() -> list[torch.Tensor]:
+            try:
+                return [future.result() for future in futures]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+                timings["time_score_busy"] = busy[0]
+
+        return rollouts, scores, timings
+
+    def _after_generation(self, rollouts: list[Rollout], prompts: int, n: int, step: int) -> None:
+        self.interrupts.check(f"during step {step}")  # a stopped generation returns partial rollouts
+        _check_generated(rollouts, prompts, n)
+        failpoint("generated", step)
 
     def _validate(self, step: int, metrics: MetricsWriter) -> None:
         self.reporter.phase(f"validating on {len(self.val_prompts)} prompts (greedy)")

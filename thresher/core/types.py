@@ -80,6 +80,9 @@ class Generator(Protocol):
 
     def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]: ...
 
+    # Optional: ``generate_chunks(prompts, n, *, seed, greedy=False) -> Iterator[list[Rollout]]``
+    # yields the same rollouts in pieces; the engine then scores a piece while the next is generated.
+
     def load_weights(self, policy: torch.nn.Module) -> None:
         """Make the next ``generate`` sample from the trained ``policy``."""
 

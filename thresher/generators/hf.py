@@ -12,7 +12,7 @@ Example config section::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -47,19 +47,26 @@ class HFGenerator:
 
     def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]:
         """Sample ``n`` responses for each prompt; rollouts come grouped by prompt, in order."""
+        return [r for chunk in self.generate_chunks(prompts, n, seed=seed, greedy=greedy) for r in chunk]
+
+    def generate_chunks(
+        self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False
+    ) -> Iterator[list[Rollout]]:
+        """The same rollouts as :meth:`generate`, one ``batch_size`` chunk of prompts at a time, so the
+        engine can score a chunk while the next one is generated. Same seed, same samples."""
         was_training = self.model.training
         self.model.eval()
-        rollouts: list[Rollout] = []
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 for start in range(0, len(prompts), self.config.batch_size):
                     chunk = prompts[start : start + self.config.batch_size]
-                    rollouts.extend(self._generate_chunk(chunk, start, n, greedy))
+                    yield self._generate_chunk(chunk, start, n, greedy)
+                    if self.should_stop():
+                        return
         finally:
             self.model.train(was_training)
-        return rollouts
 
     def _generate_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
         input_ids, attention_mask = left_pad([p.token_ids for p in chunk], self.pad_id, self.device)

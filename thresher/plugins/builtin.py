@@ -11,6 +11,7 @@ from thresher.generators.hf import HFGenerator
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
+from thresher.scorers.triton import TritonScorer
 from thresher.selectors.threshold import ThresholdSelector
 from thresher.selectors.topk import TopKSelector
 
@@ -24,6 +25,7 @@ def register_generators(register: Register) -> None:
 def register_scorers(register: Register) -> None:
     register(RuleScorer)
     register(LocalRewardModelScorer)
+    register(TritonScorer)
 
 
 @hookimpl(tryfirst=True)

@@ -1,0 +1,279 @@
+"""The ``triton`` scorer: rewards from a model served on Triton Inference Server (gRPC or HTTP).
+
+The served model must follow the reward contract of :mod:`thresher.scorers.triton_server` (the same
+as NeMo-Aligner's reward server): inputs ``sentences`` (BYTES) and/or ``tokens`` + ``sequence_lengths``
+(INT64), output ``rewards`` (FP32, one per row). At start-up the scorer checks that the server is
+live, the model ready and its metadata match the contract, and reads the model's max batch size.
+Rollouts go out in batches no larger than that, several requests in flight at once; each request
+has a timeout and transient failures are retried with exponential backoff. When the retry budget is
+spent the step fails with a one-line error — after the engine has written the step's rollouts — and
+the run can be resumed once the server is back.
+
+Example config section::
+
+    scorer: {type: triton, url: grpc://127.0.0.1:8001, model_name: reward_model, concurrency: 4}
+
+Start a server with ``thresher serve-rm --rule my_rewards:exact`` or ``--model rm_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from thresher.core.errors import ConfigError, ScorerError
+from thresher.core.types import PluginContext, Rollout
+
+SENTENCES, TOKENS, LENGTHS = "sentences", "tokens", "sequence_lengths"
+PROMPTS, RESPONSES, EXTRA = "prompts", "responses", "extra"
+REWARDS = "rewards"
+# gRPC codes (and HTTP statuses) worth retrying: the server is restarting, overloaded or slow.
+TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "502", "503", "504")
+
+
+class TritonScorer:
+    name: ClassVar[str] = "triton"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        url: str = Field("grpc://127.0.0.1:8001", description="grpc://HOST:PORT or http://HOST:PORT.")
+        model_name: str = Field("reward_model", description="Model name on the server.")
+        model_version: str = Field("", description="Model version ('' for the server's choice).")
+        input: Literal["auto", "sentences", "tokens"] = Field(
+            "auto",
+            description="Send text (sentences) or the policy's token ids (tokens: only for a reward model "
+            "sharing the policy's tokenizer); auto prefers sentences.",
+        )
+        max_batch_size: int | None = Field(None, ge=1, description="Rows per request (default: the server's max).")
+        concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+        timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
+        max_retries: int = Field(3, ge=0, description="Retries of a request after a transient failure.")
+        backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles at each retry.")
+        auth_header: str = Field("Authorization", description="Header that carries the access token.")
+        auth_token_env: str | None = Field(
+            None, description="Environment variable holding an access token, sent as 'Bearer TOKEN'."
+        )
+
+        @field_validator("url")
+        @classmethod
+        def _scheme(cls, value: str) -> str:
+            if not re.match(r"^(grpc|http|https)://[^/\s]+$", value):
+                raise ValueError("expected grpc://HOST:PORT or http://HOST:PORT")
+            return value
+
+    def __init__(self, config: Config, context: PluginContext | None = None):
+        self.config = config
+        self.protocol, self.address = config.url.split("://", 1)
+        self.headers = self._headers()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="triton-scorer")
+        self.inputs = self._check_server()
+        self.pad_id = getattr(getattr(context, "tokenizer", None), "pad_token_id", None) or 0
+
+    # --- start-up checks -----------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        variable = self.config.auth_token_env
+        if variable is None:
+            return {}
+        token = os.environ.get(variable)
+        if not token:
+            raise ConfigError([f"scorer.auth_token_env: environment variable {variable!r} is not set"])
+        return {self.config.auth_header: f"Bearer {token}"}
+
+    def _check_server(self) -> set[str]:
+        url, name = self.config.url, self.config.model_name
+        client = self._client()
+        try:
+            live = client.is_server_live(headers=self.headers)
+        except Exception as err:  # connection refused, DNS, TLS: all mean "no server there"
+            raise ScorerError(
+                f"scorer.url: no Triton server answers at {url} ({_short(err)}); start one with "
+                "`thresher serve-rm --rule module:function` (or --model DIR), or fix scorer.url"
+            ) from None
+        if not live:
+            raise ScorerError(f"scorer.url: the Triton server at {url} is not live")
+        try:
+            ready = client.is_model_ready(name, self.config.model_version, headers=self.headers)
+        except Exception as err:
+            raise ScorerError(f"scorer.model_name: cannot query model {name!r} at {url} ({_short(err)})") from None
+        if not ready:
+            available = self._available_models(client)
+            raise ScorerError(
+                f"scorer.model_name: model {name!r} is not ready on {url}; models there: {available or 'none'}"
+            )
+        metadata = self._as_dict(client.get_model_metadata(name, self.config.model_version, headers=self.headers))
+        inputs = contract_problems_and_inputs(metadata, name, self.config.input)
+        if self.config.max_batch_size is None:
+            model_config = self._as_dict(client.get_model_config(name, self.config.model_version, headers=self.headers))
+            model_config = model_config.get("config", model_config)
+            self.max_batch_size = int(model_config.get("max_batch_size") or 0) or 64
+        else:
+            self.max_batch_size = self.config.max_batch_size
+        return inputs
+
+    def _available_models(self, client: Any) -> str:
+        try:
+            index = self._as_dict(client.get_model_repository_index(headers=self.headers))
+        except Exception:
+            return "unknown"
+        models = index.get("models", index) if isinstance(index, dict) else index
+        return ", ".join(sorted(m.get("name", "?") for m in models if isinstance(m, dict)))
+
+    def _as_dict(self, value: Any) -> Any:
+        if self.protocol == "grpc" and not isinstance(value, (dict, list)):
+            from google.protobuf.json_format import MessageToDict
+
+            return MessageToDict(value, preserving_proto_field_name=True)
+        return value
+
+    def _client(self) -> Any:
+        """One client per thread: requests run concurrently from the scorer's thread pool."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "grpc":
+                import tritonclient.grpc as grpcclient
+
+                client = grpcclient.InferenceServerClient(self.address)
+            else:
+                import tritonclient.http as httpclient
+
+                timeout = self.config.timeout_s
+                client = httpclient.InferenceServerClient(
+                    self.address, ssl=self.protocol == "https", connection_timeout=timeout, network_timeout=timeout
+                )
+            self._local.client = client
+        return client
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def score(self, rollouts: list[Rollout]) -> torch.Tensor:
+        size = self.max_batch_size
+        batches = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+        futures = [self._pool.submit(self._score_batch, batch) for batch in batches]
+        results = [future.result() for future in futures]
+        return torch.from_numpy(np.concatenate(results) if results else np.zeros(0, np.float32)).float()
+
+    def _score_batch(self, batch: list[Rollout]) -> np.ndarray:
+        attempts = self.config.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                rewards = self._infer(batch)
+            except Exception as err:
+                message = _short(err)
+                if not _is_transient(err) or attempt == attempts - 1:
+                    tried = f" after {attempt + 1} attempts" if attempt else ""
+                    raise ScorerError(
+                        f"Triton {self.config.url} model {self.config.model_name!r}: a batch of {len(batch)} "
+                        f"failed{tried}: {message}"
+                    ) from None
+                time.sleep(self.config.backoff_s * 2**attempt)
+                continue
+            if rewards.shape != (len(batch),):
+                raise ScorerError(
+                    f"Triton model {self.config.model_name!r} returned rewards of shape {list(rewards.shape)} "
+                    f"for {len(batch)} rows (expected one per row)"
+                )
+            return rewards
+        raise AssertionError("unreachable")
+
+    def _infer(self, batch: list[Rollout]) -> np.ndarray:
+        module = _client_module(self.protocol)
+        arrays = self._request_arrays(batch)
+        inputs = []
+        for name, array in arrays.items():
+            tensor = module.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else "INT64")
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [module.InferRequestedOutput(REWARDS)]
+        kwargs: dict[str, Any] = {"headers": self.headers, "model_version": self.config.model_version}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.config.timeout_s
+        result = self._client().infer(self.config.model_name, inputs, outputs=outputs, **kwargs)
+        return np.asarray(result.as_numpy(REWARDS), dtype=np.float32).reshape(-1)
+
+    def _request_arrays(self, batch: list[Rollout]) -> dict[str, np.ndarray]:
+        def column(values: list[str]) -> np.ndarray:
+            return np.array([[v.encode("utf-8")] for v in values], dtype=object)
+
+        arrays: dict[str, np.ndarray] = {}
+        if SENTENCES in self.inputs:
+            arrays[SENTENCES] = column([r.prompt.text + r.text for r in batch])
+        else:
+            ids = [list(r.prompt.token_ids) + list(r.response_ids) for r in batch]
+            width = max(len(x) for x in ids)
+            arrays[TOKENS] = np.array([x + [self.pad_id] * (width - len(x)) for x in ids], dtype=np.int64)
+            arrays[LENGTHS] = np.array([[len(x)] for x in ids], dtype=np.int64)
+        if PROMPTS in self.inputs:
+            arrays[PROMPTS] = column([r.prompt.text for r in batch])
+        if RESPONSES in self.inputs:
+            arrays[RESPONSES] = column([r.text for r in batch])
+        if EXTRA in self.inputs:
+            arrays[EXTRA] = column([json.dumps({**r.prompt.extra, "finish_reason": r.finish_reason}) for r in batch])
+        return arrays
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def contract_problems_and_inputs(metadata: dict[str, Any], name: str, preference: str) -> set[str]:
+    """Check a model's metadata against the reward contract; return the inputs the client will send."""
+    inputs = {t["name"]: t["datatype"] for t in metadata.get("inputs", [])}
+    outputs = {t["name"]: t["datatype"] for t in metadata.get("outputs", [])}
+    problems = []
+    if REWARDS not in outputs:
+        problems.append(f"no output {REWARDS!r} (has: {', '.join(sorted(outputs)) or 'none'})")
+    elif outputs[REWARDS] != "FP32":
+        problems.append(f"output {REWARDS!r} is {outputs[REWARDS]}, expected FP32")
+    has_text = inputs.get(SENTENCES) == "BYTES"
+    has_tokens = inputs.get(TOKENS) == "INT64" and inputs.get(LENGTHS) == "INT64"
+    if preference == "sentences" and not has_text:
+        problems.append(f"input {SENTENCES!r} (BYTES) is missing but scorer.input is 'sentences'")
+    elif preference == "tokens" and not has_tokens:
+        problems.append(f"inputs {TOKENS!r} and {LENGTHS!r} (INT64) are missing but scorer.input is 'tokens'")
+    elif not (has_text or has_tokens):
+        found = ", ".join(f"{k} ({v})" for k, v in sorted(inputs.items())) or "none"
+        problems.append(f"needs input {SENTENCES!r} (BYTES) or {TOKENS!r} + {LENGTHS!r} (INT64); has: {found}")
+    if problems:
+        raise ScorerError(
+            f"scorer.model_name: model {name!r} does not follow the reward contract: {'; '.join(problems)}"
+        )
+    chosen = {SENTENCES} if has_text and preference != "tokens" else {TOKENS, LENGTHS}
+    chosen |= {n for n in (PROMPTS, RESPONSES, EXTRA) if inputs.get(n) == "BYTES"}
+    return chosen
+
+
+def _client_module(protocol: str) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    return module
+
+
+def _is_transient(err: BaseException) -> bool:
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+        return True
+    status = str(getattr(err, "status", lambda: "")() or "")
+    text = f"{status} {err}"
+    return any(code in text for code in TRANSIENT) or "Connection refused" in text or "timed out" in text.lower()
+
+
+def _short(err: BaseException) -> str:
+    """One line from a client or server error: the server's own exception line when there is one."""
+    text = str(err)
+    raised = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    for kind, message in reversed(raised):
+        if "TritonModelException" not in kind and "InferenceServerException" not in kind:
+            return f"server raised {kind.rsplit('.', 1)[-1]}: {message.strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:300]
