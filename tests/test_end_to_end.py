@@ -211,3 +211,21 @@ def test_config_written_to_run_dir_is_yaml(tiny_config, write_config, cli):
     assert cli("train", write_config(tiny_config), "-q", "--set", "selector.top_n_rollouts=2").exit_code == 0
     written = yaml.safe_load((Path(tiny_config["output"]["dir"]) / "config.yaml").read_text())
     assert written["selector"] == {"type": "topk", "top_n_rollouts": 2, "min_reward": None}
+
+
+def test_overlapped_scoring_changes_nothing_but_timing(tiny_config, write_config, cli, tmp_path):
+    """Scoring each chunk while the next is generated gives the same run as scoring afterwards."""
+    tiny_config["generator"]["batch_size"] = 1  # 4 prompts per step: 4 chunks, 3 scored during generation
+    runs = {}
+    for overlap in (True, False):
+        tiny_config["output"]["dir"] = str(tmp_path / f"overlap-{overlap}")
+        tiny_config["rs"]["overlap_scoring"] = overlap
+        assert cli("train", write_config(tiny_config), "-q").exit_code == 0
+        run = Path(tiny_config["output"]["dir"])
+        metrics = [m for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"]
+        runs[overlap] = (
+            [{k: v for k, v in m.items() if not k.startswith(("time", "tokens_per_s"))} for m in metrics],
+            [read_jsonl(run / "rollouts" / f"step_{s}.jsonl") for s in (1, 2, 3)],
+        )
+        assert all(("time_score_busy" in m) == overlap for m in metrics)
+    assert runs[True] == runs[False]

@@ -13,6 +13,8 @@ from thresher.core.types import Prompt, Rollout
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
 
+from .helpers import save_classifier
+
 CALLS: list[dict] = []
 
 
@@ -113,27 +115,6 @@ def test_builtin_addition_reward():
     responses = ["12", "7 + 5 = 12", "12.", "The answer is 13", "12 and then 14", "12"]
     reasons = ["eos", "eos", "stop", "eos", "eos", "length"]
     assert addition_correct(responses, [12] * 6, reasons) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-
-
-def save_classifier(path, tokenizer, num_labels: int):
-    """A real (tiny, random) LlamaForSequenceClassification saved with ``tokenizer`` to ``path``."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
 
 
 @pytest.fixture

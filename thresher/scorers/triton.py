@@ -18,6 +18,7 @@ Start a server with ``thresher serve-rm --rule my_rewards:exact`` or ``--model r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -58,7 +59,7 @@ class TritonScorer:
         timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
         max_retries: int = Field(3, ge=0, description="Retries of a request after a transient failure.")
         backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles at each retry.")
-        auth_header: str = Field("Authorization", description="Header that carries the access token.")
+        auth_header: str = Field("authorization", description="Header that carries the access token.")
         auth_token_env: str | None = Field(
             None, description="Environment variable holding an access token, sent as 'Bearer TOKEN'."
         )
@@ -75,6 +76,8 @@ class TritonScorer:
         self.protocol, self.address = config.url.split("://", 1)
         self.headers = self._headers()
         self._local = threading.local()
+        self._clients: list[Any] = []  # every thread's client, closed by close()
+        self._clients_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="triton-scorer")
         self.inputs = self._check_server()
         self.pad_id = getattr(getattr(context, "tokenizer", None), "pad_token_id", None) or 0
@@ -88,7 +91,8 @@ class TritonScorer:
         token = os.environ.get(variable)
         if not token:
             raise ConfigError([f"scorer.auth_token_env: environment variable {variable!r} is not set"])
-        return {self.config.auth_header: f"Bearer {token}"}
+        # gRPC metadata keys must be lowercase; HTTP headers are case-insensitive, so lowercase serves both.
+        return {self.config.auth_header.lower(): f"Bearer {token}"}
 
     def _check_server(self) -> set[str]:
         url, name = self.config.url, self.config.model_name
@@ -108,8 +112,10 @@ class TritonScorer:
             raise ScorerError(f"scorer.model_name: cannot query model {name!r} at {url} ({_short(err)})") from None
         if not ready:
             available = self._available_models(client)
+            listing = f"; models there: {available}" if available else ""
             raise ScorerError(
-                f"scorer.model_name: model {name!r} is not ready on {url}; models there: {available or 'none'}"
+                f"scorer.model_name: model {name!r} is not ready on {url} (`thresher serve-rm --name` sets the "
+                f"name){listing}"
             )
         metadata = self._as_dict(client.get_model_metadata(name, self.config.model_version, headers=self.headers))
         inputs = contract_problems_and_inputs(metadata, name, self.config.input)
@@ -122,10 +128,11 @@ class TritonScorer:
         return inputs
 
     def _available_models(self, client: Any) -> str:
+        """Model names on the server, or '' where the listing is restricted (PyTriton restricts it)."""
         try:
             index = self._as_dict(client.get_model_repository_index(headers=self.headers))
         except Exception:
-            return "unknown"
+            return ""
         models = index.get("models", index) if isinstance(index, dict) else index
         return ", ".join(sorted(m.get("name", "?") for m in models if isinstance(m, dict)))
 
@@ -152,6 +159,8 @@ class TritonScorer:
                     self.address, ssl=self.protocol == "https", connection_timeout=timeout, network_timeout=timeout
                 )
             self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
         return client
 
     # --- scoring -------------------------------------------------------------------------------
@@ -222,7 +231,14 @@ class TritonScorer:
         return arrays
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the request threads and close every connection (an open keep-alive connection makes a
+        stopping Triton server wait for its exit timeout)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._clients_lock:
+            for client in self._clients:
+                with contextlib.suppress(Exception):
+                    client.close()
+            self._clients.clear()
 
 
 def contract_problems_and_inputs(metadata: dict[str, Any], name: str, preference: str) -> set[str]:
