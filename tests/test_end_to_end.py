@@ -229,3 +229,10 @@ def test_overlapped_scoring_changes_nothing_but_timing(tiny_config, write_config
         )
         assert all(("time_score_busy" in m) == overlap for m in metrics)
     assert runs[True] == runs[False]
+
+
+def test_overlap_is_off_by_default_for_a_scorer_on_the_same_cores(tiny_config, write_config, cli):
+    tiny_config["rs"]["max_steps"] = 1
+    assert cli("train", write_config(tiny_config), "-q").exit_code == 0
+    (m,) = [m for m in read_jsonl(Path(tiny_config["output"]["dir"]) / "metrics.jsonl") if m["kind"] == "train"]
+    assert "time_score_busy" not in m  # rs.overlap_scoring: auto, and the rule scorer is not remote

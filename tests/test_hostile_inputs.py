@@ -16,6 +16,8 @@ from thresher.core.config import read_config_file, resolve_config
 from thresher.core.data import load_prompts
 from thresher.core.errors import ConfigError, DataError
 
+from .helpers import save_classifier
+
 
 def errors_of(result) -> list[str]:
     assert "Traceback" not in result.output
@@ -35,18 +37,9 @@ def reward_file(tmp_path: Path, body: str) -> str:
 
 
 def not_a_reward_model(tmp_path: Path) -> str:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from thresher.core.model import build_tiny_tokenizer
 
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=2,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    save_classifier(tmp_path / "classifier", build_tiny_tokenizer(), num_labels=2)
     return str(tmp_path / "classifier")
 
 

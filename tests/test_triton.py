@@ -106,6 +106,8 @@ def test_a_train_step_through_triton(rule_server, tiny_config, write_config, cli
     run = Path(tiny_config["output"]["dir"])
     rows = [json.loads(line) for line in (run / "rollouts" / "step_1.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(r["reward"] in (0.0, 1.0) for r in rows)
+    (m,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert "time_score_busy" in m  # rs.overlap_scoring: auto overlaps a remote scorer
 
 
 def test_server_not_running_names_the_url_and_how_to_start_one(tiny_config, write_config, cli):

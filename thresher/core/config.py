@@ -68,8 +68,10 @@ class RSConfig(Section):
         "the step in progress.",
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are pruned after a new one is complete.")
-    overlap_scoring: bool = Field(
-        True, description="Score each chunk of rollouts while the next is generated (generators with chunks)."
+    overlap_scoring: bool | Literal["auto"] = Field(
+        "auto",
+        description="Score each chunk of rollouts while the next is generated. 'auto': only for scorers that run "
+        "elsewhere (triton); a scorer computing on the same CPU cores as generation makes both slower.",
     )
     on_nonfinite_reward: Literal["error", "drop"] = Field(
         "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."

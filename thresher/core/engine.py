@@ -263,7 +263,7 @@ class Engine:
     def sample_and_select(self, prompts: list[Prompt], step: int, label: str) -> ScoredStep:
         n = self.config.rs.num_rollouts_per_prompt
         self.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses")
-        pipelined = self.config.rs.overlap_scoring and hasattr(self.generator, "generate_chunks")
+        pipelined = self._overlap_scoring()
         generate = self._generate_and_score_overlapped if pipelined else self._generate_then_score
         rollouts, scores, timings = generate(prompts, n, step, label)
         try:
@@ -286,6 +286,14 @@ class Engine:
         timings["generated_tokens"] = tokens
         timings["tokens_per_s_generate"] = tokens / timings["time_generate"] if timings["time_generate"] > 0 else 0.0
         return ScoredStep(rollouts, rewards, valid, kept, timings)
+
+    def _overlap_scoring(self) -> bool:
+        setting = self.config.rs.overlap_scoring
+        if not hasattr(self.generator, "generate_chunks"):
+            return False
+        if setting == "auto":
+            return bool(getattr(self.scorer, "remote", False))
+        return setting
 
     def _generate_then_score(self, prompts: list[Prompt], n: int, step: int, label: str) -> GeneratedStep:
         t0 = time.perf_counter()

@@ -95,6 +95,9 @@ class Scorer(Protocol):
 
     name: ClassVar[str]
 
+    # Optional class attribute ``remote = True``: the scorer computes elsewhere (a server), so the
+    # engine may score one chunk while generating the next (``rs.overlap_scoring: auto``).
+
     def score(self, rollouts: list[Rollout]) -> torch.Tensor: ...
 
     def close(self) -> None: ...

@@ -54,7 +54,9 @@ def _context_device(context: PluginContext | None) -> torch.device:
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
     """Load a one-label sequence classifier and its tokenizer from a local directory."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # Thresher reports its own phases
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise ConfigError([f"scorer.path: {path!r} is not a model directory (no config.json)"])

@@ -43,6 +43,8 @@ TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"
 
 class TritonScorer:
     name: ClassVar[str] = "triton"
+    # Computes elsewhere: the engine overlaps its requests with generation (rs.overlap_scoring: auto).
+    remote: ClassVar[bool] = True
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
