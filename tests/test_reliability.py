@@ -158,8 +158,8 @@ def test_signal_checkpoints_the_last_completed_step_and_resume_matches(tmp_path,
     data["scorer"]["function"] = slow_reward
     config.write_text(yaml.safe_dump(data))
     marker = tmp_path / "marker"
-    # call 1 is the step-0 validation; call 4 is the scoring of step 3
-    env = {"SLOW_AT_CALL": "4", "SLOW_MARKER": str(marker), "SLOW_SECONDS": "3"}
+    # calls 1-2 are the step-0 validation (greedy, sampled); call 5 is the scoring of step 3
+    env = {"SLOW_AT_CALL": "5", "SLOW_MARKER": str(marker), "SLOW_SECONDS": "3"}
     process = start("train", config, env=env)
     wait_for(marker)
     process.send_signal(sig)
@@ -184,7 +184,8 @@ def test_second_ctrl_c_exits_at_once(tmp_path, slow_reward):
     data["scorer"]["function"] = slow_reward
     config.write_text(yaml.safe_dump(data))
     marker = tmp_path / "marker"
-    process = start("train", config, env={"SLOW_AT_CALL": "3", "SLOW_MARKER": str(marker), "SLOW_SECONDS": "60"})
+    # calls 1-2: step-0 validation; call 4: the scoring of step 2, after step 1 completed
+    process = start("train", config, env={"SLOW_AT_CALL": "4", "SLOW_MARKER": str(marker), "SLOW_SECONDS": "60"})
     wait_for(marker)
     process.send_signal(signal.SIGINT)
     time.sleep(0.5)

@@ -73,6 +73,14 @@ class RSConfig(Section):
         description="Score each chunk of rollouts while the next is generated. 'auto': only for scorers that run "
         "elsewhere (triton); a scorer computing on the same CPU cores as generation makes both slower.",
     )
+    val_sampled: bool = Field(True, description="Validate with sampled decoding too (greedy always).")
+    pool_best: bool = Field(
+        False, description="Train on the best response ever seen for each prompt (kept across steps)."
+    )
+    restart_from_base: bool = Field(
+        False,
+        description="ReST-EM/STaR style: each step fine-tunes the base model afresh on everything kept so far.",
+    )
     on_nonfinite_reward: Literal["error", "drop"] = Field(
         "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."
     )
@@ -103,15 +111,40 @@ class OutputConfig(Section):
     save_final: bool = Field(True, description="Write final/ (an HF from_pretrained directory).")
 
 
+class GuardrailsConfig(Section):
+    """Signals that selection is going wrong (reward hacking, collapse), as early-stop rules."""
+
+    min_kept_distinct_2: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Kept responses' distinct-2 (unique token bigrams / all bigrams) below this for "
+        "diversity_patience steps in a row trips the diversity guardrail (a collapse to one answer).",
+    )
+    diversity_patience: int = Field(2, ge=1, description="Consecutive low-diversity steps that trip it.")
+    on_diversity_collapse: Literal["stop", "warn"] = Field("stop", description="Stop the run, or only warn.")
+    early_stop_metric: (
+        Literal["val_reward_greedy", "val_reward_sampled", "val_heldout_reward_greedy", "val_heldout_reward_sampled"]
+        | None
+    ) = Field(None, description="Stop when this validation metric has not improved for early_stop_patience checks.")
+    early_stop_patience: int = Field(3, ge=1)
+    early_stop_min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+SELECTOR_OPTIONS = {"dedup": ("none", "exact", "whitespace")}
+
+
 class PluginSpec(BaseModel):
-    """A resolved plugin section: the registered name and the plugin's validated ``Config``."""
+    """A resolved plugin section: the registered name, the plugin's validated ``Config``, and options
+    the framework applies around any plugin of the kind (a selector's ``dedup``)."""
 
     model_config = ConfigDict(extra="forbid")
     type: str
     config: SerializeAsAny[BaseModel]
+    options: dict[str, Any] = {}
 
     def to_section(self) -> dict[str, Any]:
-        return {"type": self.type, **self.config.model_dump(mode="json")}
+        return {"type": self.type, **self.options, **self.config.model_dump(mode="json")}
 
 
 class RunConfig(Section):
@@ -124,11 +157,18 @@ class RunConfig(Section):
     loss: PluginSpec
     optim: OptimConfig = OptimConfig()
     output: OutputConfig = OutputConfig()
+    validation_scorer: PluginSpec | None = None
+    guardrails: GuardrailsConfig = GuardrailsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.optim.batch_size is not None and self.optim.batch_size < self.optim.micro_batch_size:
             raise ValueError("optim.batch_size must be >= optim.micro_batch_size")
+        metric = self.guardrails.early_stop_metric
+        if metric and not self.data.validation:
+            raise ValueError(f"guardrails.early_stop_metric {metric!r} needs data.validation")
+        if metric and "heldout" in metric and self.validation_scorer is None:
+            raise ValueError(f"guardrails.early_stop_metric {metric!r} needs a validation_scorer section")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +176,10 @@ class RunConfig(Section):
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            out[name] = value.to_section() if isinstance(value, PluginSpec) else value.model_dump(mode="json")
+            if isinstance(value, PluginSpec):
+                out[name] = value.to_section()
+            elif value is not None:
+                out[name] = value.model_dump(mode="json")
         return out
 
 
@@ -167,34 +210,80 @@ def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
             raw.pop(kind, None)
         else:
             raw[kind] = spec
+    if raw.get("validation_scorer") is not None:  # optional: a held-out scorer for validation only
+        spec = _resolve_plugin_section("scorer", raw["validation_scorer"], registry, problems, "validation_scorer")
+        raw["validation_scorer"] = spec
+        if spec is None:
+            raw.pop("validation_scorer")
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_format_errors(err, skip_missing=set(KINDS)))
+        problems.extend(_format_errors(err, skip_missing={*KINDS, "validation_scorer"}))
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _resolve_plugin_section(kind: str, section: Any, registry: Registry, problems: list[str]) -> PluginSpec | None:
+def resolve_plugin_section(kind: str, section: Any, registry: Registry, where: str | None = None) -> PluginSpec:
+    """Validate one plugin section (``{type: NAME, **options}``); raises :class:`ConfigError`.
+
+    ``where`` is the dotted path used in messages (``selector.stages[1]`` for a nested section).
+    """
+    problems: list[str] = []
+    spec = _resolve_plugin_section(kind, section, registry, problems, where or kind)
+    if spec is None:
+        raise ConfigError(problems)
+    return spec
+
+
+def _resolve_plugin_section(
+    kind: str, section: Any, registry: Registry, problems: list[str], where: str | None = None
+) -> PluginSpec | None:
+    where = where or kind
     if not isinstance(section, dict):
-        problems.append(f"{kind}: expected a mapping with a `type` key, got {type(section).__name__}")
+        problems.append(f"{where}: expected a mapping with a `type` key, got {type(section).__name__}")
         return None
     params = dict(section)
     name = params.pop("type", None)
     if not isinstance(name, str):
-        problems.append(f"{kind}.type: required (choose one of: {', '.join(registry.names(kind))})")
+        problems.append(f"{where}.type: required (choose one of: {', '.join(registry.names(kind))})")
         return None
     if name not in registry.plugins[kind]:
-        problems.append(f"{kind}.type: {registry.unknown_message(kind, name)}")
+        problems.append(f"{where}.type: {registry.unknown_message(kind, name)}")
         return None
+    options = _framework_options(kind, params, where, problems)
     try:
-        plugin_config = registry.get(kind, name).Config.model_validate(params)
+        # The registry travels in the validation context, so sections nested in a plugin's config
+        # (a chain's stages) are resolved, and reported, like top-level ones.
+        context = {"registry": registry, "where": where}
+        plugin_config = registry.get(kind, name).Config.model_validate(params, context=context)
     except ValidationError as err:
-        problems.extend(f"{kind}.{line}" for line in _format_errors(err))
+        problems.extend(f"{where}.{line}" for line in _format_errors(err))
         return None
-    return PluginSpec(type=name, config=plugin_config)
+    except ConfigError as err:  # raised by a nested section's own resolution
+        problems.extend(err.problems)
+        return None
+    if options is None:
+        return None
+    return PluginSpec(type=name, config=plugin_config, options=options)
+
+
+def _framework_options(kind: str, params: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any] | None:
+    """Pop the options Thresher applies around any plugin of ``kind`` (today: a selector's dedup)."""
+    if kind != "selector":
+        return {}
+    options: dict[str, Any] = {}
+    ok = True
+    for key, allowed in SELECTOR_OPTIONS.items():
+        if key in params:
+            value = params.pop(key)
+            if value not in allowed:
+                problems.append(f"{where}.{key}: expected one of {', '.join(allowed)} (got {value!r})")
+                ok = False
+            elif value != allowed[0]:
+                options[key] = value
+    return options if ok else None
 
 
 def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from thresher.core.build import instantiate
 from thresher.core.checkpoint import check_resume_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from thresher.core.config import RunConfig, dump_config
 from thresher.core.data import PromptStream, load_prompts
@@ -28,6 +29,7 @@ from thresher.core.metrics import ConsoleReporter, MetricsWriter
 from thresher.core.model import load_policy, resolve_device
 from thresher.core.registry import Registry
 from thresher.core.rundir import RunDir
+from thresher.core.selection import BestPool, Guardrails, diversity, duplicate_mask
 from thresher.core.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt, Rollout
 
@@ -36,11 +38,6 @@ VALIDATION_SEED_OFFSET = 7_919
 
 def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
-
-
-def instantiate(registry: Registry, kind: str, spec: Any, context: PluginContext) -> Any:
-    """Build the plugin a resolved config section names: ``cls(config, context)``."""
-    return registry.get(kind, spec.type)(spec.config, context)
 
 
 # (rollouts, a call that returns their reward tensors, timings)
@@ -76,6 +73,9 @@ class Engine:
         self.start_step = 0
         self.completed_step = 0
         self.checkpointed_step: int | None = None
+        self.guardrails = Guardrails(config.guardrails)
+        self.pool = BestPool()
+        self.kept_so_far: list[TrainSequence] = []
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -90,6 +90,8 @@ class Engine:
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_policy(cfg.model.path, cfg.model.dtype, seed=cfg.rs.seed)
         self.model.to(self.device)
+        if cfg.rs.restart_from_base:  # the base model every step restarts from (before any resume)
+            self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.reporter.info(
             f"model {cfg.model.path}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
             f"on {self.device} ({time.perf_counter() - t0:.1f}s)"
@@ -110,12 +112,16 @@ class Engine:
             device=self.device,
             seed=cfg.rs.seed,
             should_stop=lambda: self.interrupts.requested,
+            registry=self.registry,
         )
         self.reporter.phase("starting plugins")
         self.generator = instantiate(self.registry, "generator", cfg.generator, context)
         self.scorer = instantiate(self.registry, "scorer", cfg.scorer, context)
         self.selector = instantiate(self.registry, "selector", cfg.selector, context)
         self.loss = instantiate(self.registry, "loss", cfg.loss, context)
+        self.validation_scorer = (
+            instantiate(self.registry, "scorer", cfg.validation_scorer, context) if cfg.validation_scorer else None
+        )
         self.trainer = Trainer(
             self.model,
             self.loss,
@@ -156,6 +162,9 @@ class Engine:
         self.stream.load_state_dict(saved["data"])
         self.start_step = self.completed_step = self.checkpointed_step = int(saved["step"])
         self.trainer.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
+        self.guardrails.load_state_dict(saved["guardrails"])
+        self.pool.load_state_dict(saved["pool"])
+        self.kept_so_far = [TrainSequence(tuple(p), tuple(r)) for p, r in saved["kept_so_far"]]
         kept_lines = self.run_dir.truncate_metrics(self.start_step)
         self.history = [r for r in kept_lines if r.get("kind") == "train"]
         self.validation_history = [r for r in kept_lines if r.get("kind") == "validation"]
@@ -177,6 +186,11 @@ class Engine:
                     self._loop(metrics)
                 except StopRequested as stop:
                     raise self._stopped(stop) from None
+                except EarlyStop as stop:
+                    if self.checkpointed_step != self.completed_step:
+                        self._checkpoint(self.completed_step)
+                    metrics.write({"kind": "stop", "step": stop.step, "reason": stop.reason})
+                    self.reporter.info(f"[yellow]stopped early after step {stop.step}:[/] {stop.reason}")
             if self.config.output.save_final:
                 self.reporter.phase("writing final model")
                 self.run_dir.save_final(self.model, self.tokenizer)
@@ -197,12 +211,24 @@ class Engine:
             self.history.append(record)
             self.completed_step = step
             self.reporter.step(record, cfg.max_steps)
+            self._check_diversity(step, record)
             last = step == cfg.max_steps
             if (cfg.save_every and step % cfg.save_every == 0) or last or self.interrupts.requested:
                 self._checkpoint(step)
             self.interrupts.check(f"after step {step}")
             if self.val_prompts and ((cfg.val_every and step % cfg.val_every == 0) or last):
                 self._validate(step, metrics)
+
+    def _check_diversity(self, step: int, record: dict[str, Any]) -> None:
+        reason = self.guardrails.after_step(record)
+        if reason is None:
+            return
+        if self.config.guardrails.on_diversity_collapse == "warn":
+            self.reporter.info(f"[yellow]warning:[/] {reason}")
+            return
+        if self.checkpointed_step != step:
+            self._checkpoint(step)
+        raise EarlyStop(step, reason)
 
     def _stopped(self, stop: StopRequested) -> StopRequested:
         """Checkpoint the last completed step (if not yet) and say how to resume."""
@@ -233,11 +259,10 @@ class Engine:
             record = {"kind": "train", "step": step, **step_statistics(scored)}
             record["prompts_consumed"] = self.stream.consumed
             record["prompts_skipped_too_long"] = self.skipped_long_prompts
-            kept = scored.kept_rollouts()
-            if kept:
-                self.reporter.phase(f"step {step}: training on {len(kept)} responses")
-                sequences = [TrainSequence(r.prompt.token_ids, tuple(r.response_ids)) for r in kept]
-                record.update(self.trainer.train_step(step - 1, sequences))
+            sequences = self._training_set(step, prompts, scored, record)
+            if sequences:
+                self.reporter.phase(f"step {step}: training on {len(sequences)} responses")
+                record.update(self._train(step, sequences))
                 record["skipped"] = None
             else:
                 record.update(loss=None, grad_norm=None, time_train=0.0, train_tokens=0)
@@ -245,12 +270,43 @@ class Engine:
         except StopRequested:
             self.stream.load_state_dict(position)
             raise
-        if kept:
+        if sequences:
             self.reporter.phase(f"step {step}: refreshing generator weights")
             self.generator.load_weights(self.model)
         record.update(scored.timings)
         record["time_step"] = time.perf_counter() - t0
         return record
+
+    def _training_set(
+        self, step: int, prompts: list[Prompt], scored: ScoredStep, record: dict[str, Any]
+    ) -> list[TrainSequence]:
+        """What this step trains on: the kept rollouts, or with ``rs.pool_best`` the best response
+        ever seen for each of the step's prompts; with ``rs.restart_from_base``, everything so far."""
+        rs = self.config.rs
+        kept = scored.kept_rollouts()
+        if rs.pool_best:
+            self.pool.update(kept, scored.rewards[scored.kept].tolist(), step)
+            chosen = sorted(self.pool.entries) if rs.restart_from_base else [p.index for p in prompts]
+            entries = [self.pool.entries[i] for i in dict.fromkeys(chosen) if i in self.pool.entries]
+            record["pool_size"] = len(self.pool.entries)
+            record["trained_from_earlier_steps"] = sum(e.step < step for e in entries)
+            return [TrainSequence(tuple(e.prompt_ids), tuple(e.response_ids)) for e in entries]
+        sequences = [TrainSequence(r.prompt.token_ids, tuple(r.response_ids)) for r in kept]
+        if rs.restart_from_base:
+            self.kept_so_far.extend(sequences)
+            record["kept_so_far"] = len(self.kept_so_far)
+            return list(self.kept_so_far)
+        return sequences
+
+    def _train(self, step: int, sequences: list[TrainSequence]) -> dict[str, Any]:
+        if not self.config.rs.restart_from_base:
+            return self.trainer.train_step(step - 1, sequences)
+        # ReST-EM: start again from the base model with a fresh optimizer. Past this point the
+        # previous step's weights are gone, so the step is no longer abandoned on an interrupt.
+        self.interrupts.check(f"during step {step}")
+        self.model.load_state_dict(self.base_state)
+        self.trainer.reset_optimizer()
+        return self.trainer.train_step(step - 1, sequences, abandonable=False)
 
     def _step_label(self, step: int) -> str:
         """``step 3/15`` plus the last step's rewards, for the live status line."""
@@ -281,7 +337,14 @@ class Engine:
                 f"scorer returned {bad} non-finite reward(s) at step {step} (rollouts saved; set "
                 "rs.on_nonfinite_reward=drop to skip such responses)"
             )
-        kept = self.selector.select(rewards, valid).to(torch.bool) & valid
+        duplicates = duplicate_mask(rollouts, tuple(rewards.shape), self.config.selector.options.get("dedup", "none"))
+        eligible = valid & ~duplicates
+        kept = self.selector.select(rewards, eligible).to(torch.bool) & eligible
+        if self.config.selector.options.get("dedup"):
+            timings["duplicates_not_selectable"] = int(duplicates.sum())
+        selector_metrics = getattr(self.selector, "metrics", None)
+        if selector_metrics is not None:
+            timings.update({f"selector_{k}": v for k, v in selector_metrics().items()})
         tokens = sum(len(r.response_ids) for r in rollouts)
         timings["generated_tokens"] = tokens
         timings["tokens_per_s_generate"] = tokens / timings["time_generate"] if timings["time_generate"] > 0 else 0.0
@@ -351,24 +414,30 @@ class Engine:
         failpoint("generated", step)
 
     def _validate(self, step: int, metrics: MetricsWriter) -> None:
-        self.reporter.phase(f"validating on {len(self.val_prompts)} prompts (greedy)")
+        """Greedy (and sampled) answers to the held-out prompts, scored by the training scorer and,
+        if configured, by a separate ``validation_scorer`` that catches over-optimisation."""
+        self.reporter.phase(f"validating on {len(self.val_prompts)} prompts")
         t0 = time.perf_counter()
-        seed = step_seed(self.config.rs.seed, step) + VALIDATION_SEED_OFFSET
-        rollouts = self.generator.generate(self.val_prompts, 1, seed=seed, greedy=True)
-        self.interrupts.check(f"while validating after step {step}")
-        rewards = _as_rewards(self.scorer.score(rollouts), len(rollouts))
-        finite = rewards[torch.isfinite(rewards)]
-        record = {
-            "kind": "validation",
-            "step": step,
-            "val_prompts": len(rollouts),
-            "val_reward_mean": float(finite.mean()) if len(finite) else float("nan"),
-            "val_response_len_mean": sum(len(r.response_ids) for r in rollouts) / max(1, len(rollouts)),
-            "time_validate": time.perf_counter() - t0,
-        }
+        record: dict[str, Any] = {"kind": "validation", "step": step, "val_prompts": len(self.val_prompts)}
+        modes = ("greedy", "sampled") if self.config.rs.val_sampled else ("greedy",)
+        for mode in modes:
+            seed = step_seed(self.config.rs.seed, step) + VALIDATION_SEED_OFFSET
+            rollouts = self.generator.generate(self.val_prompts, 1, seed=seed, greedy=mode == "greedy")
+            self.interrupts.check(f"while validating after step {step}")
+            record[f"val_reward_{mode}"] = _mean_finite(self.scorer.score(rollouts), len(rollouts))
+            if self.validation_scorer is not None:
+                heldout = self.validation_scorer.score(rollouts)
+                record[f"val_heldout_reward_{mode}"] = _mean_finite(heldout, len(rollouts))
+            record[f"val_distinct_2_{mode}"] = diversity(rollouts, "")["distinct_2"]
+            record[f"val_response_len_{mode}"] = sum(len(r.response_ids) for r in rollouts) / max(1, len(rollouts))
+        record["val_reward_mean"] = record["val_reward_greedy"]
+        record["time_validate"] = time.perf_counter() - t0
         metrics.write(record)
         self.validation_history.append(record)
         self.reporter.validation(record)
+        reason = self.guardrails.after_validation(record)
+        if reason:
+            raise EarlyStop(step, reason)
 
     def _checkpoint(self, step: int) -> None:
         self.reporter.phase(f"step {step}: writing checkpoint")
@@ -376,6 +445,9 @@ class Engine:
             "data": self.stream.state_dict(),
             "config": self.config.to_dict(),
             "nonfinite_in_a_row": self.trainer.nonfinite_in_a_row,
+            "guardrails": self.guardrails.state_dict(),
+            "pool": self.pool.state_dict(),
+            "kept_so_far": [[list(s.prompt_ids), list(s.response_ids)] for s in self.kept_so_far],
         }
         save_checkpoint(
             self.run_dir.checkpoints,
@@ -484,6 +556,10 @@ def step_statistics(scored: ScoredStep) -> dict[str, Any]:
         "reward_min": _stat(finite, "min"),
         "reward_max": _stat(finite, "max"),
         "reward_kept_mean": _stat(kept_rewards, "mean"),
+        "reward_gap": _stat(kept_rewards, "mean") - _stat(finite, "mean"),
+        "prompts_without_kept_fraction": float((~kept.any(dim=1)).float().mean()),
+        **diversity(scored.rollouts, ""),
+        **diversity(scored.kept_rollouts(), "kept_"),
         "response_len_mean": float(lengths.mean()),
         "response_len_kept_mean": _stat(kept_lengths, "mean"),
         "finished_eos": reasons.count("eos") / len(reasons),
@@ -496,6 +572,20 @@ def _stat(values: torch.Tensor, name: str) -> float:
     if values.numel() == 0 or (name == "std" and values.numel() < 2):
         return float("nan")
     return float(getattr(values.float(), name)())
+
+
+class EarlyStop(Exception):
+    """A guardrail or the early-stop rule ended the run; not an error."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+def _mean_finite(rewards: Any, expected: int) -> float:
+    values = _as_rewards(rewards, expected)
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
 
 
 def _as_rewards(value: Any, expected: int) -> torch.Tensor:

@@ -106,10 +106,13 @@ class ConsoleReporter:
         )
 
     def validation(self, record: dict[str, Any]) -> None:
-        self.info(
-            f"validation after step {record['step']}: greedy reward {_fmt(record['val_reward_mean'])} "
-            f"over {record['val_prompts']} prompts"
-        )
+        parts = [f"greedy reward {_fmt(record['val_reward_greedy'])}"]
+        if "val_reward_sampled" in record:
+            parts.append(f"sampled {_fmt(record['val_reward_sampled'])}")
+        if "val_heldout_reward_greedy" in record:
+            parts.append(f"held-out scorer greedy {_fmt(record['val_heldout_reward_greedy'])}")
+        parts.append(f"distinct-2 {_fmt(record['val_distinct_2_greedy'])}")
+        self.info(f"validation after step {record['step']} ({record['val_prompts']} prompts): {', '.join(parts)}")
 
     def curve(self, train: list[dict[str, Any]], validation: list[dict[str, Any]]) -> None:
         """The reward curve of the run, as a table and a sparkline."""

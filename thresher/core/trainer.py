@@ -132,7 +132,11 @@ class Trainer:
         self.interrupt_check = interrupt_check
         self.nonfinite_in_a_row = 0
 
-    def train_step(self, step: int, sequences: list[TrainSequence]) -> dict[str, float]:
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments (training restarts from the base model)."""
+        self.optimizer.state.clear()
+
+    def train_step(self, step: int, sequences: list[TrainSequence], abandonable: bool = True) -> dict[str, float]:
         """Update the policy on one global step's kept sequences (``step`` counts from 0)."""
         self.step_number = step + 1
         lr = learning_rate(self.config, step, self.max_steps)
@@ -145,7 +149,8 @@ class Trainer:
             for batch in self._optimizer_batches(sequences, step, epoch):
                 # An interrupt abandons the step only while the weights are still those of the last
                 # step; once an update is applied, the step finishes so a checkpoint can describe it.
-                loss, grad_norm, batch_tokens = self._update(batch, abandonable=not losses and not skipped)
+                first = not losses and not skipped
+                loss, grad_norm, batch_tokens = self._update(batch, abandonable=abandonable and first)
                 tokens += batch_tokens
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     losses.append(loss)

@@ -61,6 +61,8 @@ class PluginContext:
     # True once the user asked the run to stop (Ctrl-C): long operations may end early; the engine
     # discards what they return.
     should_stop: Callable[[], bool] = lambda: False
+    # The plugin registry, for plugins built from other plugins' sections (a selector chain).
+    registry: Any = None
 
 
 class Plugin(Protocol):

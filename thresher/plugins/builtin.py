@@ -12,6 +12,10 @@ from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
 from thresher.scorers.triton import TritonScorer
+from thresher.selectors.band import BandSelector
+from thresher.selectors.chain import ChainSelector
+from thresher.selectors.global_top_fraction import GlobalTopFractionSelector
+from thresher.selectors.random_baseline import RandomSelector
 from thresher.selectors.threshold import ThresholdSelector
 from thresher.selectors.topk import TopKSelector
 
@@ -32,6 +36,10 @@ def register_scorers(register: Register) -> None:
 def register_selectors(register: Register) -> None:
     register(TopKSelector)
     register(ThresholdSelector)
+    register(GlobalTopFractionSelector)
+    register(BandSelector)
+    register(ChainSelector)
+    register(RandomSelector)
 
 
 @hookimpl(tryfirst=True)

@@ -1,0 +1,49 @@
+"""The ``chain`` selector: compose selectors without writing code.
+
+Each stage sees only what the previous stage kept (its ``valid`` mask), so ``[band, topk]`` means "drop
+uninformative prompts, then keep the best response of each remaining prompt".
+
+Example config section::
+
+    selector:
+      type: chain
+      stages:
+        - {type: band, lo: 0.1, hi: 0.9}
+        - {type: topk, top_n_rollouts: 1}
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from thresher.core.build import build_nested
+from thresher.core.types import PluginContext
+from thresher.selectors.nested import SelectorSections
+
+
+class ChainSelector:
+    name: ClassVar[str] = "chain"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        stages: SelectorSections = Field(..., description="Selectors applied in order, each to the previous' kept.")
+
+    def __init__(self, config: Config, context: PluginContext | None = None):
+        self.config = config
+        self.stages = [build_nested("selector", stage, context) for stage in config.stages]
+
+    def select(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        eligible = valid
+        for stage in self.stages:
+            eligible = stage.select(rewards, eligible).to(torch.bool) & eligible
+        return eligible
+
+    def metrics(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for stage in self.stages:
+            if hasattr(stage, "metrics"):
+                merged.update(stage.metrics())
+        return merged
