@@ -50,12 +50,13 @@ class LastRolloutPlugin:
 def test_builtins_are_registered(registry):
     assert registry.names("generator") == ["hf"]
     assert registry.names("scorer") == ["local", "rule", "triton"]
-    assert registry.names("selector") == ["threshold", "topk"]
+    assert registry.names("selector") == ["band", "chain", "global_top_fraction", "random", "threshold", "topk"]
     assert registry.names("loss") == ["masked_mean_logprob"]
 
 
 def test_unknown_name_lists_what_is_available(registry):
-    with pytest.raises(PluginError, match=r"unknown selector 'best'; available: threshold, topk"):
+    available = "band, chain, global_top_fraction, random, threshold, topk"
+    with pytest.raises(PluginError, match=rf"unknown selector 'best'; available: {available}"):
         registry.get("selector", "best")
 
 

@@ -307,3 +307,19 @@ def test_restart_from_base_trains_the_base_model_on_everything_kept(tiny_config,
     assert len(final) >= len(expected) - 1
     for name, tensor in final.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0)
+
+
+def test_resume_with_a_pool_and_guardrails_matches_an_uninterrupted_run(tmp_path, tiny_config, write_config, cli):
+    """The pool, the kept-so-far set and the guardrail counters travel in the checkpoint."""
+    tiny_config["rs"].update(max_steps=4, pool_best=True)
+    tiny_config["guardrails"] = {"min_kept_distinct_2": 0.01, "on_diversity_collapse": "warn"}
+    runs = {}
+    for name, parts in (("whole", [[]]), ("parted", [["--set", "rs.max_steps=2"], ["--resume"]])):
+        tiny_config["output"]["dir"] = str(tmp_path / name)
+        path = write_config(tiny_config, f"{name}.yaml")
+        for extra in parts:
+            assert cli("train", path, "-q", *extra).exit_code == 0
+        metrics = [m for m in read_jsonl(tmp_path / name / "metrics.jsonl") if m["kind"] == "train"]
+        runs[name] = [{k: v for k, v in m.items() if not k.startswith(("time", "tokens_per_s"))} for m in metrics]
+    assert runs["whole"] == runs["parted"]
+    assert [m["pool_size"] for m in runs["whole"]] == [4, 8, 12, 16]

@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import pluggy
 import typer
@@ -264,6 +265,18 @@ def describe_plugin(cls: type, origin: str) -> dict[str, Any]:
 
 
 def _type_label(annotation: Any) -> str:
+    """A readable type: ``float | None``, ``'error' | 'skip'``, ``list[str]`` (validators unwrapped)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_label(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_label(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_label(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
