@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -98,6 +99,9 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
             Path | None, typer.Option("--resume-from", help="Continue from this checkpoint directory.")
         ] = None,
         quiet: QuietOption = False,
+        nproc: Annotated[
+            int, typer.Option("--nproc", min=1, help="Processes on this machine (runs torchrun for you).")
+        ] = 1,
     ) -> None:
         """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
         from thresher.core.config import load_config
@@ -105,14 +109,21 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         from thresher.core.metrics import ConsoleReporter
 
         registry = _registry(plugin_manager())
-        run_config = load_config(config, set_ or [], registry)
+        run_config = load_config(config, set_ or [], registry)  # fail here, once, not in every rank
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:
+            forwarded = [config, *[a for item in set_ or [] for a in ("--set", item)]]
+            forwarded += ["--resume"] if resume else []
+            forwarded += ["--resume-from", str(resume_from)] if resume_from else []
+            forwarded += ["--quiet"] if quiet else []
+            raise typer.Exit(run_torchrun(nproc, forwarded))
         engine = Engine(run_config, registry, ConsoleReporter(err_console, quiet=quiet))
         try:
             engine.setup(training=True, resume=str(resume_from) if resume_from else resume)
             history = engine.run()
         finally:
             engine.close()
-        typer.echo(f"finished {len(history)} steps; run directory: {run_config.output.dir}")
+        if engine.dist.is_main:
+            typer.echo(f"finished {len(history)} steps; run directory: {run_config.output.dir}")
 
     @app.command()
     @user_errors
@@ -246,6 +257,32 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
 
     plugin_manager().hook.register_commands(app=app)
     return app
+
+
+def run_torchrun(nproc: int, train_args: list[str]) -> int:
+    """``torchrun --standalone --nproc-per-node N -m thresher train ...``; one line if it fails."""
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "thresher",
+        "train",
+        *train_args,
+    ]
+    code = subprocess.run(command).returncode
+    if code != 0:
+        err_console.print(
+            f"[red]error:[/] the {nproc}-process run failed (torchrun exit {code}); the failing rank's own "
+            "message is above. Continue from the last checkpoint with --resume.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return code
 
 
 def describe_plugin(cls: type, origin: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ RESUME_MAY_CHANGE = (
     "model.threads",
     "data.validation",
     "output.",
+    "distributed.",
 )
 
 

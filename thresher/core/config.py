@@ -105,6 +105,15 @@ class OptimConfig(Section):
     )
 
 
+class DistributedConfig(Section):
+    timeout_s: float = Field(
+        300,
+        gt=0,
+        description="Under torchrun: how long a collective waits for a rank that hangs (a rank that dies "
+        "stops the job at once).",
+    )
+
+
 class OutputConfig(Section):
     dir: str = Field("runs/default", description="Run directory (config, metrics, rollouts, checkpoints).")
     overwrite: bool = Field(False, description="Allow writing into a run directory that already has a run.")
@@ -159,6 +168,7 @@ class RunConfig(Section):
     output: OutputConfig = OutputConfig()
     validation_scorer: PluginSpec | None = None
     guardrails: GuardrailsConfig = GuardrailsConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

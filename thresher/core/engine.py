@@ -22,10 +22,11 @@ from thresher.core.build import instantiate
 from thresher.core.checkpoint import check_resume_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from thresher.core.config import RunConfig, dump_config
 from thresher.core.data import PromptStream, load_prompts
-from thresher.core.errors import OutputError, ScorerError, ThresherError
+from thresher.core.distributed import Distributed, init_distributed
+from thresher.core.errors import ConfigError, OutputError, ScorerError, ThresherError
 from thresher.core.faults import failpoint
 from thresher.core.interrupt import Interrupts, StopRequested
-from thresher.core.metrics import ConsoleReporter, MetricsWriter
+from thresher.core.metrics import ConsoleReporter, MetricsWriter, NullWriter
 from thresher.core.model import load_policy, resolve_device
 from thresher.core.registry import Registry
 from thresher.core.rundir import RunDir
@@ -34,6 +35,7 @@ from thresher.core.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt, Rollout
 
 VALIDATION_SEED_OFFSET = 7_919
+RANK_SEED_STRIDE = 104_729  # each rank samples its shard with its own seed
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -67,6 +69,7 @@ class Engine:
         self.registry = registry
         self.reporter = reporter or ConsoleReporter()
         self.run_dir = RunDir(Path(config.output.dir))
+        self.dist = Distributed()
         self.interrupts = Interrupts()
         self.history: list[dict[str, Any]] = []
         self.validation_history: list[dict[str, Any]] = []
@@ -83,9 +86,19 @@ class Engine:
         cfg = self.config
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        if training:
+        self.dist = init_distributed(cfg.distributed.timeout_s)
+        if self.dist.enabled:
+            # torchrun delivers signals to every rank, which would stop at different phases and leave
+            # the others waiting in a collective: let signals end the job; resume from the last checkpoint.
+            self.interrupts = Interrupts(enabled=False)
+            self.reporter.quiet = self.reporter.quiet or not self.dist.is_main
+            self._check_divisible()
+        if training and self.dist.is_main:
             self.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, config_yaml=dump_config(cfg))
+        self.dist.barrier()
         self.device = resolve_device(cfg.model.device)
+        if self.dist.backend == "nccl":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.reporter.phase(f"loading model {cfg.model.path}")
         t0 = time.perf_counter()
         self.model, self.tokenizer = load_policy(cfg.model.path, cfg.model.dtype, seed=cfg.rs.seed)
@@ -96,7 +109,7 @@ class Engine:
             f"model {cfg.model.path}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
             f"on {self.device} ({time.perf_counter() - t0:.1f}s)"
         )
-        if training:
+        if training and self.dist.is_main:
             self.run_dir.check_space(self.model)
         self.reporter.phase("reading prompts")
         self.train_prompts, self.skipped_long_prompts = self._load(cfg.data.train)
@@ -131,10 +144,17 @@ class Engine:
             device=self.device,
             seed=cfg.rs.seed,
             interrupt_check=self.interrupts.check,
+            dist=self.dist,
         )
         if resume:
             self._resume(resume)
         self.reporter.done()
+
+    def _check_divisible(self) -> None:
+        # Every rank's shard must be non-empty; equal shards keep generation balanced.
+        per_step, world = self.config.rs.prompts_per_step, self.dist.world_size
+        if per_step % world:
+            raise ConfigError([f"rs.prompts_per_step: {per_step} prompts cannot be split evenly over {world} ranks"])
 
     def _load(self, source: str) -> tuple[list[Prompt], int]:
         d = self.config.data
@@ -158,6 +178,13 @@ class Engine:
             raise ThresherError(f"--resume: {path} is not a checkpoint directory (no state.json)")
         saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
         check_resume_compatible(saved["config"], self.config.to_dict(), path)
+        if int(saved.get("world_size", 1)) != self.dist.world_size:
+            raise ConfigError(
+                [
+                    f"--resume: {path} was made by {saved.get('world_size', 1)} process(es); resume with the same "
+                    f"number (now {self.dist.world_size})"
+                ]
+            )
         load_checkpoint(path, self.model, self.trainer.optimizer)
         self.stream.load_state_dict(saved["data"])
         self.start_step = self.completed_step = self.checkpointed_step = int(saved["step"])
@@ -165,7 +192,10 @@ class Engine:
         self.guardrails.load_state_dict(saved["guardrails"])
         self.pool.load_state_dict(saved["pool"])
         self.kept_so_far = [TrainSequence(tuple(p), tuple(r)) for p, r in saved["kept_so_far"]]
-        kept_lines = self.run_dir.truncate_metrics(self.start_step)
+        if self.dist.is_main:
+            self.run_dir.truncate_metrics(self.start_step)
+        self.dist.barrier()
+        kept_lines = [r for r in self.run_dir.read_metrics() if r.get("step", 0) <= self.start_step]
         self.history = [r for r in kept_lines if r.get("kind") == "train"]
         self.validation_history = [r for r in kept_lines if r.get("kind") == "validation"]
         self.reporter.info(f"resumed from {path} at step {self.start_step}")
@@ -179,7 +209,7 @@ class Engine:
         abandoned; a checkpoint of the last completed step is written and
         :class:`~thresher.core.interrupt.StopRequested` is raised.
         """
-        metrics = MetricsWriter(self.run_dir.metrics)
+        metrics = MetricsWriter(self.run_dir.metrics) if self.dist.is_main else NullWriter()
         try:
             with self.interrupts:
                 try:
@@ -191,7 +221,7 @@ class Engine:
                         self._checkpoint(self.completed_step)
                     metrics.write({"kind": "stop", "step": stop.step, "reason": stop.reason})
                     self.reporter.info(f"[yellow]stopped early after step {stop.step}:[/] {stop.reason}")
-            if self.config.output.save_final:
+            if self.config.output.save_final and self.dist.is_main:
                 self.reporter.phase("writing final model")
                 self.run_dir.save_final(self.model, self.tokenizer)
                 self.reporter.info(f"final model: {self.run_dir.final} (load with from_pretrained)")
@@ -321,13 +351,15 @@ class Engine:
         self.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses")
         pipelined = self._overlap_scoring()
         generate = self._generate_and_score_overlapped if pipelined else self._generate_then_score
-        rollouts, scores, timings = generate(prompts, n, step, label)
+        low, high = self.dist.shard_bounds(len(prompts))
+        rollouts, scores, timings = generate(prompts[low:high], n, step, label)
         try:
             flat = _as_rewards(torch.cat([s.flatten() for s in scores()]), len(rollouts))
         except ThresherError:
             self._write_rollouts(step, ScoredStep(rollouts, None, None, None))  # nothing generated is lost
             raise
         timings["time_score"] = time.perf_counter() - timings.pop("_scoring_from")
+        rollouts, flat = self._gather(rollouts, flat, low)
         rewards = flat.view(len(prompts), n)
         valid = torch.isfinite(rewards)
         if not bool(valid.all()) and self.config.rs.on_nonfinite_reward == "error":
@@ -350,6 +382,20 @@ class Engine:
         timings["tokens_per_s_generate"] = tokens / timings["time_generate"] if timings["time_generate"] > 0 else 0.0
         return ScoredStep(rollouts, rewards, valid, kept, timings)
 
+    def _gather(
+        self, rollouts: list[Rollout], rewards: torch.Tensor, offset: int
+    ) -> tuple[list[Rollout], torch.Tensor]:
+        """Every rank's rollouts and rewards, in prompt order, on every rank (group = global position)."""
+        if not self.dist.enabled:
+            return rollouts, rewards
+        for r in rollouts:
+            r.group += offset
+        parts = self.dist.gather((rollouts, rewards))
+        return [r for part, _ in parts for r in part], torch.cat([part for _, part in parts])
+
+    def _sampling_seed(self, step: int) -> int:
+        return step_seed(self.config.rs.seed, step) + RANK_SEED_STRIDE * self.dist.rank
+
     def _overlap_scoring(self) -> bool:
         setting = self.config.rs.overlap_scoring
         if not hasattr(self.generator, "generate_chunks"):
@@ -360,7 +406,7 @@ class Engine:
 
     def _generate_then_score(self, prompts: list[Prompt], n: int, step: int, label: str) -> GeneratedStep:
         t0 = time.perf_counter()
-        rollouts = self.generator.generate(prompts, n, seed=step_seed(self.config.rs.seed, step))
+        rollouts = self.generator.generate(prompts, n, seed=self._sampling_seed(step))
         timings = {"time_generate": time.perf_counter() - t0}
         self._after_generation(rollouts, len(prompts), n, step)
         self.reporter.phase(f"{label}: scoring {len(rollouts)} responses")
@@ -387,7 +433,7 @@ class Engine:
         futures = []
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thresher-score")
         try:
-            for chunk in self.generator.generate_chunks(prompts, n, seed=step_seed(self.config.rs.seed, step)):
+            for chunk in self.generator.generate_chunks(prompts, n, seed=self._sampling_seed(step)):
                 rollouts.extend(chunk)
                 if not self.interrupts.requested:
                     futures.append(pool.submit(timed_score, chunk))
@@ -420,14 +466,22 @@ class Engine:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"kind": "validation", "step": step, "val_prompts": len(self.val_prompts)}
         modes = ("greedy", "sampled") if self.config.rs.val_sampled else ("greedy",)
+        low, high = self.dist.shard_bounds(len(self.val_prompts))
         for mode in modes:
-            seed = step_seed(self.config.rs.seed, step) + VALIDATION_SEED_OFFSET
-            rollouts = self.generator.generate(self.val_prompts, 1, seed=seed, greedy=mode == "greedy")
+            seed = self._sampling_seed(step) + VALIDATION_SEED_OFFSET
+            rollouts = self.generator.generate(self.val_prompts[low:high], 1, seed=seed, greedy=mode == "greedy")
             self.interrupts.check(f"while validating after step {step}")
-            record[f"val_reward_{mode}"] = _mean_finite(self.scorer.score(rollouts), len(rollouts))
+            rewards = torch.as_tensor(self.scorer.score(rollouts), dtype=torch.float32).flatten()
+            heldout = (
+                torch.as_tensor(self.validation_scorer.score(rollouts), dtype=torch.float32).flatten()
+                if self.validation_scorer is not None
+                else torch.zeros(len(rollouts))
+            )
+            gathered = self.dist.gather((rollouts, rewards, heldout))
+            rollouts = [r for part, _, _ in gathered for r in part]
+            record[f"val_reward_{mode}"] = _mean_finite(torch.cat([g[1] for g in gathered]), len(rollouts))
             if self.validation_scorer is not None:
-                heldout = self.validation_scorer.score(rollouts)
-                record[f"val_heldout_reward_{mode}"] = _mean_finite(heldout, len(rollouts))
+                record[f"val_heldout_reward_{mode}"] = _mean_finite(torch.cat([g[2] for g in gathered]), len(rollouts))
             record[f"val_distinct_2_{mode}"] = diversity(rollouts, "")["distinct_2"]
             record[f"val_response_len_{mode}"] = sum(len(r.response_ids) for r in rollouts) / max(1, len(rollouts))
         record["val_reward_mean"] = record["val_reward_greedy"]
@@ -448,18 +502,23 @@ class Engine:
             "guardrails": self.guardrails.state_dict(),
             "pool": self.pool.state_dict(),
             "kept_so_far": [[list(s.prompt_ids), list(s.response_ids)] for s in self.kept_so_far],
+            "world_size": self.dist.world_size,
         }
-        save_checkpoint(
-            self.run_dir.checkpoints,
-            step,
-            self.model,
-            self.trainer.optimizer,
-            state,
-            keep_last=self.config.rs.keep_last,
-        )
+        if self.dist.is_main:  # every rank holds the same weights and optimizer state
+            save_checkpoint(
+                self.run_dir.checkpoints,
+                step,
+                self.model,
+                self.trainer.optimizer,
+                state,
+                keep_last=self.config.rs.keep_last,
+            )
+        self.dist.barrier()
         self.checkpointed_step = step
 
     def _write_rollouts(self, step: int, scored: ScoredStep) -> None:
+        if not self.dist.is_main:
+            return
         rewards = scored.rewards.flatten().tolist() if scored.rewards is not None else None
         kept = scored.kept.flatten().tolist() if scored.kept is not None else None
         rows = [
@@ -506,6 +565,7 @@ class Engine:
         for plugin in (getattr(self, "generator", None), getattr(self, "scorer", None)):
             if plugin is not None:
                 plugin.close()
+        self.dist.close()
 
 
 def prompt_token_limit(config: RunConfig, model: torch.nn.Module) -> tuple[int | None, str]:

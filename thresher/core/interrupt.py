@@ -31,12 +31,13 @@ class StopRequested(ThresherError):
 class Interrupts:
     """Turns SIGINT/SIGTERM into a flag while installed (main thread only; elsewhere a no-op)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in HANDLED:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -47,6 +47,16 @@ class MetricsWriter:
         self._handle.close()
 
 
+class NullWriter:
+    """What ranks other than 0 write to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def sparkline(values: list[float]) -> str:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:

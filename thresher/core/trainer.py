@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from thresher.core.config import OptimConfig
+from thresher.core.distributed import Distributed
 from thresher.core.errors import ThresherError
 from thresher.core.faults import failpoint
 from thresher.core.types import Loss
@@ -114,6 +115,7 @@ class Trainer:
         device: torch.device,
         seed: int = 0,
         interrupt_check: Callable[[], None] = lambda: None,
+        dist: Distributed | None = None,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -130,6 +132,7 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.interrupt_check = interrupt_check
+        self.dist = dist or Distributed()
         self.nonfinite_in_a_row = 0
 
     def reset_optimizer(self) -> None:
@@ -193,13 +196,20 @@ class Trainer:
         """
         self.optimizer.zero_grad(set_to_none=True)
         check = self.interrupt_check if abandonable else None
+        # Under torchrun every rank holds the whole batch and works on every world_size-th sequence of
+        # it (by length, so shards stay balanced); the loss keeps the whole batch's counts, and the
+        # gradients are summed over ranks: the update is the one a single process would make.
+        counts = {"num_sequences": len(batch), "num_tokens": sum(len(s.response_ids) for s in batch)}
+        mine = sorted(batch, key=len, reverse=True)[self.dist.rank :: self.dist.world_size]
         try:
-            total = accumulate_gradients(
-                self.model, self.loss_fn, batch, self.config.micro_batch_size, self.pad_id, self.device, check
+            local = accumulate_gradients(
+                self.model, self.loss_fn, mine, self.config.micro_batch_size, self.pad_id, self.device, check, **counts
             )
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
             raise
+        self.dist.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+        total = self.dist.sum(local)
         if abandonable:
             self.interrupt_check()
         failpoint("train", self.step_number)
@@ -219,18 +229,21 @@ def accumulate_gradients(
     pad_id: int,
     device: torch.device,
     interrupt_check: Callable[[], None] | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
 ) -> float:
     """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss.
 
     Every micro-batch is normalized by the counts of the *whole* batch, so the accumulated
     gradient equals the full-batch gradient for any ``micro_batch_size``.
     """
-    num_sequences = len(batch)
-    num_tokens = sum(len(s.response_ids) for s in batch)
+    # Normalize by the whole optimizer batch's counts (``batch`` may be this rank's share of it).
+    num_sequences = num_sequences if num_sequences is not None else len(batch)
+    num_tokens = num_tokens if num_tokens is not None else sum(len(s.response_ids) for s in batch)
     # Length-sorted micro-batches waste less padding; the sum of their losses does not depend on order.
     ordered = sorted(batch, key=len, reverse=True)
     total = 0.0
-    for i in range(0, num_sequences, micro_batch_size):
+    for i in range(0, len(ordered), micro_batch_size):
         if interrupt_check is not None:
             interrupt_check()
         input_ids, attention_mask, response_mask = collate(ordered[i : i + micro_batch_size], pad_id, device)

@@ -1,0 +1,157 @@
+"""Data-parallel runs under torchrun: real processes, gloo, 2 ranks on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+TOLERANCE = 1e-5  # measured max weight difference, 1 vs 2 ranks: 8e-7 (float summation order)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def config(tmp: Path, name: str, **rs) -> Path:
+    data = {
+        "model": {"path": "builtin:tiny", "device": "cpu"},
+        "data": {"train": "builtin:addition_train", "validation": "builtin:addition_val", "chat_template": "never"},
+        "rs": {
+            "max_steps": 3,
+            "prompts_per_step": 4,
+            "num_rollouts_per_prompt": 4,
+            "seed": 7,
+            "val_max_prompts": 3,
+            **rs,
+        },
+        # greedy generation: the same samples whichever rank generates a prompt
+        "generator": {"type": "hf", "max_new_tokens": 8, "temperature": 0.0, "batch_size": 2},
+        "scorer": {"type": "rule", "function": "thresher.presets.rewards:digit_share"},
+        "selector": {"type": "global_top_fraction", "fraction": 0.5},  # needs the whole step's rewards
+        "optim": {"lr": 0.01, "micro_batch_size": 2, "batch_size": 4, "epochs_per_step": 2},
+        "output": {"dir": str(tmp / name)},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def thresher(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "thresher", *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    single = thresher("train", config(tmp, "one"), "-q")
+    assert single.returncode == 0, single.stderr
+    double = thresher("train", config(tmp, "two"), "--nproc", "2", "-q")
+    assert double.returncode == 0, double.stderr
+    return tmp / "one", tmp / "two", double
+
+
+def test_two_ranks_make_the_same_update_as_one_process(one_and_two):
+    one, two, _ = one_and_two
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=TOLERANCE, rtol=0)
+    # and training really moved the weights (the comparison is not between two untouched models)
+    from thresher.core.model import build_tiny_model, build_tiny_tokenizer
+
+    base = build_tiny_model(build_tiny_tokenizer(), seed=7).state_dict()
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3
+    assert_same_metrics(read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl"))
+
+
+def assert_same_metrics(got: list[dict], expected: list[dict]) -> None:
+    """Same records; numbers within float-summation noise (losses, grad norms), all else identical."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        keys = {k for k in b if not k.startswith(("time", "tokens_per_s"))}
+        assert keys == {k for k in a if not k.startswith(("time", "tokens_per_s"))}
+        for key in keys:
+            if isinstance(b[key], float) and isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            else:
+                assert a[key] == b[key], key
+
+
+def test_the_rollouts_file_holds_every_rollout_of_both_ranks_once(one_and_two):
+    one, two, _ = one_and_two
+    for step in (1, 2, 3):
+        rows = read_jsonl(two / "rollouts" / f"step_{step}.jsonl")
+        keys = [(r["group"], r["sample"]) for r in rows]
+        assert sorted(keys) == [(g, s) for g in range(4) for s in range(4)] and len(set(keys)) == 16
+        assert rows == read_jsonl(one / "rollouts" / f"step_{step}.jsonl")  # same prompts, same responses
+
+
+def test_only_rank_zero_writes(one_and_two):
+    _, two, result = one_and_two
+    assert result.stdout.count("finished 3 steps") == 1
+    assert len([m for m in read_jsonl(two / "metrics.jsonl") if m["kind"] == "train"]) == 3
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+
+def test_a_rank_that_dies_fails_the_job_promptly_and_the_run_resumes(tmp_path):
+    marker = tmp_path / "rank1-pid"
+    slow = tmp_path / "slow.py"
+    slow.write_text(
+        "import os, time\nfrom thresher.presets.rewards import digit_share\nCALLS = [0]\n"
+        "def reward(responses):\n"
+        "    CALLS[0] += 1\n"
+        "    if os.environ.get('RANK') == '1' and CALLS[0] == 4 and not os.path.exists(os.environ['MARK'] + '.done'):\n"
+        "        open(os.environ['MARK'], 'w').write(str(os.getpid()))\n"
+        "        time.sleep(120)\n"
+        "    return digit_share(responses)\n"
+    )
+    path = config(tmp_path, "run", max_steps=3)
+    data = yaml.safe_load(path.read_text())
+    data["scorer"]["function"] = f"{slow}:reward"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "MARK": str(marker)}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "thresher", "train", str(path), "--nproc", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while not marker.exists() or not marker.read_text():
+        assert time.time() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    killed_at = time.time()
+    os.kill(int(marker.read_text()), signal.SIGKILL)  # rank 1 dies while scoring step 2
+    _, stderr = job.communicate(timeout=120)
+    assert time.time() - killed_at < 60  # torchrun stops rank 0, which waits in a collective
+    assert job.returncode != 0
+    assert "error: the 2-process run failed (torchrun exit" in stderr
+    assert "exitcode  : -9" in stderr or "Signal 9" in stderr  # torchrun names the dead rank
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step_1" / "state.json").is_file()
+    Path(str(marker) + ".done").write_text("")  # the resumed run's rank 1 must not stall again
+    refused = thresher("train", path, "--resume", env=env)
+    assert refused.returncode == 2
+    assert "was made by 2 process(es); resume with the same number (now 1)" in refused.stderr
+    resumed = thresher("train", path, "--resume", "--nproc", "2", "-q", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"] == [1, 2, 3]
+
+
+def test_prompts_per_step_must_split_over_the_ranks(tmp_path):
+    result = thresher("train", config(tmp_path, "odd", prompts_per_step=3), "--nproc", "2")
+    assert result.returncode != 0
+    assert "rs.prompts_per_step: 3 prompts cannot be split evenly over 2 ranks" in result.stderr
