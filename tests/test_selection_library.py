@@ -144,28 +144,23 @@ def hack_reward(tmp_path: Path) -> str:
     return f"{path}:sevens"
 
 
+def train_on_hackable_reward(cli, tmp_path: Path, run: Path, *settings: str):
+    overrides = [
+        f"output.dir={run}",
+        f"scorer.function={hack_reward(tmp_path)}",
+        "optim.lr=0.01",
+        "data.validation=null",
+        "guardrails.min_kept_distinct_2=0.3",
+        *settings,
+    ]
+    return cli("train", "tiny", *[a for o in overrides for a in ("--set", o)])
+
+
 def test_a_hackable_reward_trips_the_diversity_guardrail(tmp_path, cli):
     """Rewarding the share of '7's collapses the tiny model to '777…' (measured: kept distinct-2
     0.98 at step 1, 0.24 at step 9, 0.11 at step 10): the guardrail stops the run there."""
     run = tmp_path / "hacked"
-    result = cli(
-        "train",
-        "tiny",
-        "--set",
-        f"output.dir={run}",
-        "--set",
-        f"scorer.function={hack_reward(tmp_path)}",
-        "--set",
-        "optim.lr=0.01",
-        "--set",
-        "data.validation=null",
-        "--set",
-        "rs.max_steps=15",
-        "--set",
-        "guardrails.min_kept_distinct_2=0.3",
-        "--set",
-        "guardrails.diversity_patience=2",
-    )
+    result = train_on_hackable_reward(cli, tmp_path, run, "rs.max_steps=15", "guardrails.diversity_patience=2")
     assert result.exit_code == 0, result.output
     assert "stopped early after step" in result.output and "diversity guardrail" in result.output
     lines = read_jsonl(run / "metrics.jsonl")
@@ -180,24 +175,7 @@ def test_a_hackable_reward_trips_the_diversity_guardrail(tmp_path, cli):
 
 def test_warn_only_diversity_guardrail_keeps_running(tmp_path, cli):
     run = tmp_path / "warned"
-    result = cli(
-        "train",
-        "tiny",
-        "--set",
-        f"output.dir={run}",
-        "--set",
-        f"scorer.function={hack_reward(tmp_path)}",
-        "--set",
-        "optim.lr=0.01",
-        "--set",
-        "data.validation=null",
-        "--set",
-        "rs.max_steps=12",
-        "--set",
-        "guardrails.min_kept_distinct_2=0.3",
-        "--set",
-        "guardrails.on_diversity_collapse=warn",
-    )
+    result = train_on_hackable_reward(cli, tmp_path, run, "rs.max_steps=12", "guardrails.on_diversity_collapse=warn")
     assert result.exit_code == 0
     assert "warning: diversity guardrail" in result.output
     assert len([m for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"]) == 12

@@ -8,7 +8,6 @@ independent of what ran before it (and a resumed run sample exactly what an unin
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from thresher.core.faults import failpoint
 from thresher.core.interrupt import Interrupts, StopRequested
 from thresher.core.metrics import ConsoleReporter, MetricsWriter, NullWriter
 from thresher.core.model import load_policy, resolve_device
+from thresher.core.records import rollout_record, step_statistics
 from thresher.core.registry import Registry
 from thresher.core.rundir import RunDir
 from thresher.core.selection import BestPool, Guardrails, diversity, duplicate_mask
@@ -580,58 +580,6 @@ def prompt_token_limit(config: RunConfig, model: torch.nn.Module) -> tuple[int |
         reason = f"the model's context ({context} tokens) minus generator.max_new_tokens={new_tokens}"
         limits.append((context - new_tokens, reason))
     return min(limits) if limits else (None, "")
-
-
-def rollout_record(r: Rollout, reward: float | None, kept: bool | None) -> dict[str, Any]:
-    return {
-        "prompt_index": r.prompt.index,
-        "group": r.group,
-        "sample": r.sample,
-        "prompt": r.prompt.text,
-        "response": r.text,
-        "response_ids": r.response_ids,
-        "finish_reason": r.finish_reason,
-        "reward": reward if reward is None or math.isfinite(reward) else None,
-        "kept": kept,
-    }
-
-
-def step_statistics(scored: ScoredStep) -> dict[str, Any]:
-    """Reward and length statistics of all and of kept rollouts (what metrics.jsonl records)."""
-    rewards, valid, kept = scored.rewards, scored.valid, scored.kept
-    finite = rewards[valid]
-    kept_rewards = rewards[kept]
-    lengths = torch.tensor([len(r.response_ids) for r in scored.rollouts], dtype=torch.float)
-    kept_lengths = lengths[kept.flatten()]
-    reasons = [r.finish_reason for r in scored.rollouts]
-    return {
-        "prompts": rewards.shape[0],
-        "rollouts": len(scored.rollouts),
-        "kept": int(kept.sum()),
-        "accept_rate": float(kept.float().mean()),
-        "prompts_without_kept": int((~kept.any(dim=1)).sum()),
-        "nonfinite_rewards": int((~valid).sum()),
-        "reward_mean": _stat(finite, "mean"),
-        "reward_std": _stat(finite, "std"),
-        "reward_min": _stat(finite, "min"),
-        "reward_max": _stat(finite, "max"),
-        "reward_kept_mean": _stat(kept_rewards, "mean"),
-        "reward_gap": _stat(kept_rewards, "mean") - _stat(finite, "mean"),
-        "prompts_without_kept_fraction": float((~kept.any(dim=1)).float().mean()),
-        **diversity(scored.rollouts, ""),
-        **diversity(scored.kept_rollouts(), "kept_"),
-        "response_len_mean": float(lengths.mean()),
-        "response_len_kept_mean": _stat(kept_lengths, "mean"),
-        "finished_eos": reasons.count("eos") / len(reasons),
-        "finished_stop": reasons.count("stop") / len(reasons),
-        "finished_length": reasons.count("length") / len(reasons),
-    }
-
-
-def _stat(values: torch.Tensor, name: str) -> float:
-    if values.numel() == 0 or (name == "std" and values.numel() < 2):
-        return float("nan")
-    return float(getattr(values.float(), name)())
 
 
 class EarlyStop(Exception):
