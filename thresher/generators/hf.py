@@ -13,13 +13,14 @@ Example config section::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
+from thresher.generators.fast_decode import Sampling, decode
 
 
 class HFGenerator:
@@ -33,6 +34,13 @@ class HFGenerator:
         top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens (0: off).")
         stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the response).")
         batch_size: int = Field(8, ge=1, description="Prompts per generate call (each repeated N times).")
+        decode: Literal["fast", "generate"] = Field(
+            "fast",
+            description="fast: Thresher's decode loop (each prompt prefilled once for its N samples, finished "
+            "rows leave the batch); generate: transformers' generate().",
+        )
+        shared_prefill: bool = Field(True, description="fast decode: prefill each prompt once for its N samples.")
+        compaction: bool = Field(True, description="fast decode: drop finished rows from the decode batch.")
 
     def __init__(self, config: Config, context: PluginContext):
         if context.policy is None or context.tokenizer is None:
@@ -69,6 +77,36 @@ class HFGenerator:
             self.model.train(was_training)
 
     def _generate_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
+        if self.config.decode == "fast":
+            return self._decode_chunk(chunk, first_group, n, greedy)
+        return self._generate_chunk_hf(chunk, first_group, n, greedy)
+
+    def _decode_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
+        """Thresher's decode loop; its seed is drawn from torch's RNG, which ``generate_chunks`` seeded."""
+        cfg = self.config
+        sampling = Sampling(
+            cfg.max_new_tokens, cfg.temperature or 1.0, cfg.top_p, cfg.top_k, greedy=greedy or cfg.temperature == 0
+        )
+        results = decode(
+            self.model,
+            [p.token_ids for p in chunk],
+            n,
+            sampling,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            seed=int(torch.randint(0, 2**62, (1,)).item()),
+            stop_check=(lambda ids: self._stop_position(ids) is not None) if cfg.stop else None,
+            suppress=[self.pad_id] if self.pad_id not in self.eos_ids else None,
+            shared_prefill=cfg.shared_prefill,
+            compaction=cfg.compaction,
+        )
+        rollouts = []
+        for row, (ids, reason) in enumerate(results):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            rollouts.append(Rollout(chunk[row // n], first_group + row // n, row % n, ids, text, reason))
+        return rollouts
+
+    def _generate_chunk_hf(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
         input_ids, attention_mask = left_pad([p.token_ids for p in chunk], self.pad_id, self.device)
         input_ids = input_ids.repeat_interleave(n, dim=0)
         attention_mask = attention_mask.repeat_interleave(n, dim=0)
