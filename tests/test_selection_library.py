@@ -158,7 +158,7 @@ def train_on_hackable_reward(cli, tmp_path: Path, run: Path, *settings: str):
 
 def test_a_hackable_reward_trips_the_diversity_guardrail(tmp_path, cli):
     """Rewarding the share of '7's collapses the tiny model to '777…' (measured: kept distinct-2
-    0.98 at step 1, 0.24 at step 9, 0.11 at step 10): the guardrail stops the run there."""
+    0.99 at step 1, 0.24 at step 8, 0.18 at step 9): the guardrail stops the run there."""
     run = tmp_path / "hacked"
     result = train_on_hackable_reward(cli, tmp_path, run, "rs.max_steps=15", "guardrails.diversity_patience=2")
     assert result.exit_code == 0, result.output
