@@ -1,0 +1,313 @@
+"""One rejection-sampling step: Thresher vs the loops users build today, same model, prompts, N, seed.
+
+    python benchmarks/rs_step.py --model smollm2     # prompts of 200+ tokens, N = 8
+    python benchmarks/rs_step.py --model tiny
+
+Contenders (each does generate → score → keep the best per prompt → one fine-tuning update):
+1. sequential: the reference implementation's style: N separate sampling calls per prompt batch,
+   blocking reward calls, and the loss over a full-sequence (sequence × vocabulary) log-softmax;
+2. transformers loop: generate(num_return_sequences=N), scoring, then a transformers Trainer pass
+   on the kept pairs (TRL's SFT trainer would pull numpy 2, which breaks PyTriton beside it);
+3. Thresher: the engine's step (fast decode, response-only logits, length-sorted micro-batches).
+
+Prints per phase wall time and tokens/s, the ratios baseline / Thresher, the training pass's
+achieved FLOP/s (6 × parameters × tokens / s, the LM head counted only on the positions where it runs)
+against this machine's measured fp32 matmul FLOP/s,
+and the peak memory growth during the training pass (sampled RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from thresher.core.config import load_config
+from thresher.core.engine import Engine
+from thresher.core.metrics import ConsoleReporter
+from thresher.core.registry import build_registry
+from thresher.core.trainer import TrainSequence, collate
+from thresher.presets.rewards import addition_correct
+
+FILLER = (
+    "You are a careful assistant. Read the background, then answer the question at the end. Background: "
+    "arithmetic is the branch of mathematics that studies numbers and the operations on them, such as "
+    "addition, subtraction, multiplication and division. People have used it for trade, measurement and "
+    "astronomy for thousands of years, and children learn to add small numbers long before they learn "
+    "anything else about mathematics. "
+)
+
+
+class PeakRSS:
+    """Peak resident memory growth while the block runs (sampled every 5 ms), in MB."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth_mb = (self.peak - self.base) / 2**20
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def matmul_flops() -> float:
+    """The machine's fp32 matmul rate: the best of 3 trials of 2048³ products (measured first, idle)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        start, reps = time.perf_counter(), 10
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * 2048**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def training_flops(model: torch.nn.Module, all_tokens: int, head_tokens: int) -> float:
+    """Forward + backward ≈ 6 × parameters × tokens, with the LM head counted only where it runs."""
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - (0 if model.config.tie_word_embeddings else head)
+    return 6 * (body - head) * all_tokens + 6 * head * head_tokens
+
+
+def make_data(directory: Path, count: int, repeats: int) -> Path:
+    path = directory / "long_prompts.jsonl"
+    rows = [
+        {"prompt": f"{FILLER * repeats}Question: What is {a} + {b}? Answer with just the number.", "answer": a + b}
+        for a, b in [(3 + i % 9, 2 + (i * 5) % 11) for i in range(count)]
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def thresher_step(args: argparse.Namespace, data: Path, scratch: Path) -> dict:
+    registry = build_registry()
+    overrides = [
+        f"data.train={data}",
+        "data.validation=null",
+        f"rs.prompts_per_step={args.prompts}",
+        f"rs.num_rollouts_per_prompt={args.n}",
+        f"generator.max_new_tokens={args.tokens}",
+        f"generator.batch_size={args.prompts}",
+        "rs.max_steps=2",
+        "rs.save_every=0",
+        "output.save_final=false",
+        f"output.dir={scratch / 'thresher'}",
+        "selector.min_reward=null",
+        "optim.batch_size=null",
+        f"optim.micro_batch_size={args.micro}",
+    ]
+    if args.model == "tiny":
+        overrides += ["model.path=builtin:tiny", "data.chat_template=never"]
+    config = load_config("demo", overrides, registry)
+    engine = Engine(config, registry, ConsoleReporter(quiet=True))
+    engine.setup()
+    engine.step(1)  # warm-up (same work as the measured step)
+    memory = PeakRSS()
+    train_step = engine.trainer.train_step
+
+    def measured(*a, **k):  # the peak memory of the training pass alone, like the baselines'
+        with memory:
+            return train_step(*a, **k)
+
+    engine.trainer.train_step = measured
+    record = engine.step(2)
+    # tokens the training pass processed: prompt + response of every kept rollout
+    rollouts_file = scratch / "thresher" / "rollouts" / "step_2.jsonl"
+    rows = [json.loads(line) for line in rollouts_file.read_text().splitlines()]
+    lengths = {p.index: len(p.token_ids) for p in engine.train_prompts}
+    trained = sum(lengths[r["prompt_index"]] + len(r["response_ids"]) for r in rows if r["kept"])
+    head_tokens = sum(len(r["response_ids"]) for r in rows if r["kept"])  # response-only LM head
+    return {
+        "generate": record["time_generate"],
+        "score": record["time_score"],
+        "train": record["time_train"],
+        "step": record["time_step"],
+        "gen_tokens": record["generated_tokens"],
+        "train_tokens": trained,
+        "head_tokens": head_tokens,
+        "kept": record["kept"],
+        "mem": memory.growth_mb,
+        "model": engine.model,
+        "tokenizer": engine.tokenizer,
+        "prompts": engine.train_prompts[: args.prompts],
+    }
+
+
+def baseline_step(kind: str, args: argparse.Namespace, model, tokenizer, prompts) -> dict:
+    """The sequential reference-style loop (kind='sequential') or the transformers loop ('transformers')."""
+    model.train(False)
+    texts = [p.text for p in prompts]
+    answers = [p.extra["answer"] for p in prompts]
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    common = {
+        "max_new_tokens": args.tokens,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if kind == "sequential":  # N separate calls over the prompt batch
+            outs = [model.generate(**encoded, **common) for _ in range(args.n)]
+            rows = [out[i] for i in range(len(prompts)) for out in outs]
+        else:
+            out = model.generate(**encoded, num_return_sequences=args.n, **common)
+            rows = list(out)
+    t_generate = time.perf_counter() - start
+    width = encoded["input_ids"].shape[1]
+    responses, reasons, response_ids = [], [], []
+    for row in rows:
+        ids = row[width:].tolist()
+        if tokenizer.eos_token_id in ids:
+            ids, reason = ids[: ids.index(tokenizer.eos_token_id) + 1], "eos"
+        else:
+            reason = "length"
+        response_ids.append(ids)
+        responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+        reasons.append(reason)
+    start = time.perf_counter()
+    rewards = []
+    for i in range(len(responses)):  # one blocking reward call per response (sequential) or per batch
+        if kind == "sequential":
+            rewards += addition_correct([responses[i]], [answers[i // args.n]], [reasons[i]])
+    if kind != "sequential":
+        rewards = addition_correct(responses, [answers[i // args.n] for i in range(len(responses))], reasons)
+    t_score = time.perf_counter() - start
+    kept = []
+    for p in range(len(prompts)):
+        group = rewards[p * args.n : (p + 1) * args.n]
+        best = max(range(args.n), key=lambda s: (group[s], -s))
+        prompt_ids = tokenizer(texts[p], add_special_tokens=False)["input_ids"]
+        kept.append(TrainSequence(tuple(prompt_ids), tuple(response_ids[p * args.n + best])))
+    model.train(True)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        if kind == "sequential":
+            _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
+        else:
+            _trainer_update(model, kept, tokenizer.pad_token_id, args)
+        t_train = time.perf_counter() - start
+    return {
+        "generate": t_generate,
+        "score": t_score,
+        "train": t_train,
+        "step": t_generate + t_score + t_train,
+        "gen_tokens": sum(len(r) for r in response_ids),
+        "train_tokens": sum(len(s) for s in kept),
+        "head_tokens": sum(len(s) for s in kept),  # full logits: the LM head runs on every position
+        "kept": len(kept),
+        "mem": memory.growth_mb,
+    }
+
+
+def _full_softmax_update(model, kept, pad_id, args) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.zero_grad(set_to_none=True)
+    for i in range(0, len(kept), args.micro):
+        ids, attention, response = collate(kept[i : i + args.micro], pad_id, torch.device("cpu"))
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
+        picked = logprobs[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] * response[:, 1:]
+        loss = -(picked.sum(1) / response[:, 1:].sum(1)).sum() / len(kept)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def _trainer_update(model, kept, pad_id, args) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    examples = []
+    for s in kept:
+        ids = list(s.prompt_ids) + list(s.response_ids)
+        examples.append({"input_ids": ids, "labels": [-100] * len(s.prompt_ids) + list(s.response_ids)})
+
+    def collate_fn(batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        return {
+            "input_ids": torch.tensor([b["input_ids"] + [pad_id] * (width - len(b["input_ids"])) for b in batch]),
+            "attention_mask": torch.tensor(
+                [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
+            ),
+            "labels": torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch]),
+        }
+
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=args.micro,
+            num_train_epochs=1,
+            learning_rate=1e-5,
+            max_grad_norm=1.0,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            gradient_accumulation_steps=max(1, len(kept) // args.micro),
+        )
+        Trainer(model=model, args=arguments, train_dataset=examples, data_collator=collate_fn).train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--micro", type=int, default=4)
+    args = parser.parse_args()
+    peak = matmul_flops()
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        data = make_data(scratch, args.prompts * 4, repeats=2 if args.model == "smollm2" else 1)  # 200+ tokens
+        ours = thresher_step(args, data, scratch)
+        model, tokenizer, prompts = ours.pop("model"), ours.pop("tokenizer"), ours.pop("prompts")
+        params = sum(p.numel() for p in model.parameters())
+        prompt_len = sum(len(p.token_ids) for p in prompts) / len(prompts)
+        results = {"thresher": ours}
+        for kind in ("transformers", "sequential"):
+            baseline_step(kind, args, model, tokenizer, prompts)  # warm-up
+            results[kind] = baseline_step(kind, args, model, tokenizer, prompts)
+    print(
+        f"\nmodel {args.model} ({params / 1e6:.1f}M params): {args.prompts} prompts of ~{prompt_len:.0f} tokens x "
+        f"N={args.n}, <= {args.tokens} new tokens; {torch.get_num_threads()} threads; "
+        f"measured fp32 matmul {peak / 1e9:.0f} GFLOP/s"
+    )
+    print(
+        f"{'':<14}{'generate s':>11}{'gen tok/s':>10}{'score s':>9}{'train s':>9}{'train %peak':>12}"
+        f"{'train mem MB':>13}{'step s':>8}{'step ratio':>11}"
+    )
+    for name, r in results.items():
+        flops = training_flops(model, r["train_tokens"], r["head_tokens"]) / r["train"] if r["train"] > 0 else 0
+        ratio = r["step"] / results["thresher"]["step"]
+        print(
+            f"{name:<14}{r['generate']:>11.2f}{r['gen_tokens'] / r['generate']:>10.1f}{r['score']:>9.3f}"
+            f"{r['train']:>9.2f}{100 * flops / peak:>11.0f}%{r['mem']:>13.0f}{r['step']:>8.2f}{ratio:>10.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
