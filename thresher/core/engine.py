@@ -198,6 +198,7 @@ class Engine:
         kept_lines = [r for r in self.run_dir.read_metrics() if r.get("step", 0) <= self.start_step]
         self.history = [r for r in kept_lines if r.get("kind") == "train"]
         self.validation_history = [r for r in kept_lines if r.get("kind") == "validation"]
+        self.generator.load_weights(self.model)  # an engine holding its own copy must take the resumed weights
         self.reporter.info(f"resumed from {path} at step {self.start_step}")
 
     # --- the loop ----------------------------------------------------------------------------
@@ -302,7 +303,12 @@ class Engine:
             raise
         if sequences:
             self.reporter.phase(f"step {step}: refreshing generator weights")
+            t_refresh = time.perf_counter()
             self.generator.load_weights(self.model)
+            record["time_refresh"] = time.perf_counter() - t_refresh
+            generator_metrics = getattr(self.generator, "metrics", None)
+            if generator_metrics is not None:
+                record.update({f"generator_{k}": v for k, v in generator_metrics().items()})
         record.update(scored.timings)
         record["time_step"] = time.perf_counter() - t0
         return record

@@ -45,3 +45,9 @@ class OutputError(ThresherError):
     """The run directory cannot hold what the run must write (permissions, a full disk)."""
 
     exit_code = 4
+
+
+class GeneratorError(ThresherError):
+    """The generation engine cannot run as configured, or lost track of the policy's weights."""
+
+    exit_code = 6

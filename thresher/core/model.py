@@ -182,8 +182,9 @@ def build_tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64, layers: in
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        # head_dim 32: the smallest that vLLM's CPU attention kernels accept.
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

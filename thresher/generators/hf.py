@@ -16,23 +16,18 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 from thresher.generators.fast_decode import Sampling, decode
+from thresher.generators.sampling import SamplingConfig, eos_token_ids
 
 
 class HFGenerator:
     name: ClassVar[str] = "hf"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        max_new_tokens: int = Field(64, ge=1, description="Longest response, in tokens.")
-        temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 means greedy.")
-        top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
-        top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens (0: off).")
-        stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the response).")
+    class Config(SamplingConfig):
         batch_size: int = Field(8, ge=1, description="Prompts per generate call (each repeated N times).")
         decode: Literal["fast", "generate"] = Field(
             "fast",
@@ -50,7 +45,7 @@ class HFGenerator:
         self.tokenizer = context.tokenizer
         self.device = context.device
         self.should_stop = context.should_stop
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
 
     def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]:
@@ -216,15 +211,3 @@ def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device
             input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             attention_mask[row, width - len(seq) :] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from thresher.core.hookspecs import Register, hookimpl
 from thresher.generators.hf import HFGenerator
+from thresher.generators.vllm import VLLMGenerator
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
@@ -23,6 +24,7 @@ from thresher.selectors.topk import TopKSelector
 @hookimpl(tryfirst=True)
 def register_generators(register: Register) -> None:
     register(HFGenerator)
+    register(VLLMGenerator)
 
 
 @hookimpl(tryfirst=True)
