@@ -13,7 +13,10 @@ Contenders (each does generate → score → keep the best per prompt → one fi
 Prints per phase wall time and tokens/s, the ratios baseline / Thresher, the training pass's
 achieved FLOP/s (6 × parameters × tokens / s, the LM head counted only on the positions where it runs)
 against this machine's measured fp32 matmul FLOP/s,
-and the peak memory growth during the training pass (sampled RSS).
+and the training pass's peak memory. Memory is measured in a fresh process per contender that loads
+the model and runs only that contender's training pass on the same kept sequences (Thresher's), so
+the process's peak RSS (``ru_maxrss``) is the training pass's peak; RSS sampled inside one long-lived
+process is not comparable between contenders (the allocator reuses pages freed by earlier phases).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +48,10 @@ FILLER = (
     "astronomy for thousands of years, and children learn to add small numbers long before they learn "
     "anything else about mathematics. "
 )
+
+ANSWER = "Answer with just the number."
+# Takes the chat-formatted SmolLM2 prompts to 200+ tokens.
+TAIL = "Now the question, which has one number as its answer. "
 
 
 class PeakRSS:
@@ -91,7 +101,7 @@ def training_flops(model: torch.nn.Module, all_tokens: int, head_tokens: int) ->
 def make_data(directory: Path, count: int, repeats: int) -> Path:
     path = directory / "long_prompts.jsonl"
     rows = [
-        {"prompt": f"{FILLER * repeats}Question: What is {a} + {b}? Answer with just the number.", "answer": a + b}
+        {"prompt": f"{FILLER * repeats}{TAIL}What is {a} + {b}? {ANSWER}", "answer": a + b}
         for a, b in [(3 + i % 9, 2 + (i * 5) % 11) for i in range(count)]
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -136,6 +146,8 @@ def thresher_step(args: argparse.Namespace, data: Path, scratch: Path) -> dict:
     lengths = {p.index: len(p.token_ids) for p in engine.train_prompts}
     trained = sum(lengths[r["prompt_index"]] + len(r["response_ids"]) for r in rows if r["kept"])
     head_tokens = sum(len(r["response_ids"]) for r in rows if r["kept"])  # response-only LM head
+    prompt_ids = {p.index: list(p.token_ids) for p in engine.train_prompts}
+    kept = [[prompt_ids[r["prompt_index"]], r["response_ids"]] for r in rows if r["kept"]]
     return {
         "generate": record["time_generate"],
         "score": record["time_score"],
@@ -146,6 +158,7 @@ def thresher_step(args: argparse.Namespace, data: Path, scratch: Path) -> dict:
         "head_tokens": head_tokens,
         "kept": record["kept"],
         "mem": memory.growth_mb,
+        "kept_sequences": kept,
         "model": engine.model,
         "tokenizer": engine.tokenizer,
         "prompts": engine.train_prompts[: args.prompts],
@@ -271,6 +284,42 @@ def _trainer_update(model, kept, pad_id, args) -> None:
         Trainer(model=model, args=arguments, train_dataset=examples, data_collator=collate_fn).train()
 
 
+def training_pass_process(kind: str, args: argparse.Namespace, kept_file: Path) -> dict:
+    """Run one contender's training pass alone in a fresh process; returns its peak and its time."""
+    command = [sys.executable, __file__, "--model", args.model, "--micro", str(args.micro)]
+    command += ["--train-pass", kind, "--kept", str(kept_file)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def train_pass_only(args: argparse.Namespace) -> None:
+    """The child side of :func:`training_pass_process`: load, train once, print peak RSS as JSON."""
+    from thresher.core.config import OptimConfig
+    from thresher.core.model import load_policy
+    from thresher.core.trainer import Trainer
+    from thresher.core.types import PluginContext
+    from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
+
+    model, tokenizer = load_policy(f"builtin:{args.model}")
+    kept = [TrainSequence(tuple(p), tuple(r)) for p, r in json.loads(Path(args.kept).read_text())]
+    loaded_mb = _rss() / 2**20
+    model.train(True)
+    start = time.perf_counter()
+    if args.train_pass == "thresher":
+        loss = MaskedMeanLogprobLoss(MaskedMeanLogprobLoss.Config(), PluginContext())
+        optim = OptimConfig(lr=1e-5, micro_batch_size=args.micro, grad_clip=1.0)
+        Trainer(model, loss, optim, max_steps=1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu")).train_step(
+            0, kept
+        )
+    elif args.train_pass == "transformers":
+        _trainer_update(model, kept, tokenizer.pad_token_id, args)
+    else:
+        _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": peak_mb, "loaded_mb": loaded_mb, "seconds": seconds}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -278,7 +327,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--train-pass", choices=["thresher", "transformers", "sequential"], help=argparse.SUPPRESS)
+    parser.add_argument("--kept", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.train_pass:
+        train_pass_only(args)
+        return
     peak = matmul_flops()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
@@ -291,6 +345,9 @@ def main() -> None:
         for kind in ("transformers", "sequential"):
             baseline_step(kind, args, model, tokenizer, prompts)  # warm-up
             results[kind] = baseline_step(kind, args, model, tokenizer, prompts)
+        kept_file = scratch / "kept.json"
+        kept_file.write_text(json.dumps(ours.pop("kept_sequences")))
+        memory = {kind: training_pass_process(kind, args, kept_file) for kind in results}
     print(
         f"\nmodel {args.model} ({params / 1e6:.1f}M params): {args.prompts} prompts of ~{prompt_len:.0f} tokens x "
         f"N={args.n}, <= {args.tokens} new tokens; {torch.get_num_threads()} threads; "
@@ -298,14 +355,27 @@ def main() -> None:
     )
     print(
         f"{'':<14}{'generate s':>11}{'gen tok/s':>10}{'score s':>9}{'train s':>9}{'train %peak':>12}"
-        f"{'train mem MB':>13}{'step s':>8}{'step ratio':>11}"
+        f"{'step s':>8}{'step ratio':>11}"
     )
     for name, r in results.items():
         flops = training_flops(model, r["train_tokens"], r["head_tokens"]) / r["train"] if r["train"] > 0 else 0
         ratio = r["step"] / results["thresher"]["step"]
         print(
             f"{name:<14}{r['generate']:>11.2f}{r['gen_tokens'] / r['generate']:>10.1f}{r['score']:>9.3f}"
-            f"{r['train']:>9.2f}{100 * flops / peak:>11.0f}%{r['mem']:>13.0f}{r['step']:>8.2f}{ratio:>10.2f}x"
+            f"{r['train']:>9.2f}{100 * flops / peak:>11.0f}%{r['step']:>8.2f}{ratio:>10.2f}x"
+        )
+    ours = results["thresher"]
+    print(
+        f"\ntraining pass alone, each in a fresh process, on the same {ours['kept']} kept sequences "
+        f"({ours['train_tokens']} tokens):"
+    )
+    print(f"{'':<14}{'train s':>9}{'train %peak':>12}{'peak RSS MB':>12}{'above loaded model MB':>23}")
+    for name, m in memory.items():
+        head = ours["head_tokens"] if name == "thresher" else ours["train_tokens"]
+        flops = training_flops(model, ours["train_tokens"], head) / m["seconds"]
+        print(
+            f"{name:<14}{m['seconds']:>9.2f}{100 * flops / peak:>11.0f}%{m['peak_mb']:>12.0f}"
+            f"{m['peak_mb'] - m['loaded_mb']:>23.0f}"
         )
 
 

@@ -45,6 +45,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -358,7 +359,10 @@ def _import_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
-        import vllm
+        with warnings.catch_warnings():  # deprecation notices from vLLM's own imports, not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import vllm
     except ImportError:
         raise ConfigError([INSTALL_HINT]) from None
     return vllm
