@@ -112,3 +112,40 @@ def test_gradient_does_not_depend_on_micro_batch_size(tiny_model, tiny_tokenizer
     reference_loss(tiny_model, batch, normalize).backward()
     for got, ref in zip(gradients[len(batch)], [p.grad for p in tiny_model.parameters()], strict=True):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "loop"])
+def test_every_adamw_kernel_makes_the_same_update(tiny_tokenizer, impl):
+    """The fused kernel (the default where torch has it) and the one-parameter loop give the same
+    weights as torch's default foreach AdamW after three steps with weight decay and clipping."""
+    from thresher.core.config import OptimConfig
+    from thresher.core.model import build_tiny_model
+    from thresher.core.trainer import Trainer
+
+    batch = make_batch(tiny_tokenizer, seed=2)
+    weights = {}
+    for name in ("foreach", impl):
+        model = build_tiny_model(tiny_tokenizer, seed=0)
+        config = OptimConfig(lr=1e-2, weight_decay=0.1, micro_batch_size=2, grad_clip=0.5, adamw_impl=name)
+        loss = MaskedMeanLogprobLoss(MaskedMeanLogprobLoss.Config())
+        trainer = Trainer(
+            model, loss, config, max_steps=3, pad_id=tiny_tokenizer.pad_token_id, device=torch.device("cpu")
+        )
+        assert trainer.optimizer.defaults.get("fused") is (True if name == "fused" else None)
+        for step in range(3):
+            trainer.train_step(step, batch)
+        weights[name] = [p.detach().clone() for p in model.parameters()]
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(weights["foreach"], build_tiny_model(tiny_tokenizer).parameters(), strict=True)
+    )
+    assert moved > 1e-3  # the updates are not trivially zero
+    for got, expected in zip(weights[impl], weights["foreach"], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_picks_the_fused_kernel_on_cpu(tiny_model):
+    from thresher.core.config import OptimConfig
+    from thresher.core.trainer import build_adamw
+
+    assert build_adamw(list(tiny_model.parameters()), OptimConfig()).defaults["fused"] is True

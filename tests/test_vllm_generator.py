@@ -173,7 +173,7 @@ def test_engine_log_probs_equal_the_policy_and_follow_a_training_step(engine, ge
     before_policy = policy_logprobs(policy, sequences)
     before_engine = generator.prompt_logprobs(sequences)
     for engine_lp, policy_lp in zip(before_engine, before_policy, strict=True):
-        torch.testing.assert_close(engine_lp, policy_lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(engine_lp, policy_lp, atol=_atol(policy), rtol=0)
 
     trained = build_tiny_model(tokenizer, seed=0).to(next(policy.parameters()).device)
     trained.load_state_dict(policy.state_dict())
@@ -192,9 +192,9 @@ def test_engine_log_probs_equal_the_policy_and_follow_a_training_step(engine, ge
     after_policy = policy_logprobs(trained, sequences)
     after_engine = generator.prompt_logprobs(sequences)
     for engine_lp, policy_lp, old_lp in zip(after_engine, after_policy, before_policy, strict=True):
-        torch.testing.assert_close(engine_lp, policy_lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(engine_lp, policy_lp, atol=_atol(policy), rtol=0)
         assert (policy_lp - old_lp).abs().max() > 1e-2  # the step really changed the model
-    assert generator.metrics()["refresh_logprob_diff"] < 1e-4
+    assert generator.metrics()["refresh_logprob_diff"] < _atol(policy)
     assert generator.metrics()["refresh_s"] > 0
 
 
@@ -206,7 +206,7 @@ def test_disk_fallback_refreshes_the_engine_too(engine, generator):
     sequences = [tokenizer(t)["input_ids"] for t in PROBES]
     engine_lps, policy_lps = generator.prompt_logprobs(sequences), policy_logprobs(changed, sequences)
     for engine_lp, policy_lp in zip(engine_lps, policy_lps, strict=True):
-        torch.testing.assert_close(engine_lp, policy_lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(engine_lp, policy_lp, atol=_atol(policy), rtol=0)
 
 
 def test_a_refresh_that_does_not_reach_the_engine_is_an_error(engine, generator, monkeypatch):
@@ -217,6 +217,32 @@ def test_a_refresh_that_does_not_reach_the_engine_is_an_error(engine, generator,
     with pytest.raises(GeneratorError, match="differ from the policy's"):
         generator.load_weights(changed)
     monkeypatch.undo()
+
+
+def test_sleep_frees_the_gpu_and_wakes_with_the_current_weights(engine, generator):
+    """Colocation (CUDA only): asleep between generations the engine gives its memory back; the
+    weights handed over while it slept are the ones it samples from after waking."""
+    _, policy, tokenizer = engine
+    if not generator.sleep_enabled:
+        pytest.skip("vLLM sleep mode needs CUDA")
+    sequences = [tokenizer(t)["input_ids"] for t in PROBES]
+    generator.prompt_logprobs(sequences)  # awake
+    free_awake = torch.cuda.mem_get_info()[0]
+    generator.generate(prompts_for(tokenizer), 2, seed=0)
+    assert generator.asleep
+    free_asleep = torch.cuda.mem_get_info()[0]
+    assert free_asleep - free_awake > 2**30, (free_awake, free_asleep)  # the KV cache alone is GBs
+    changed = build_tiny_model(tokenizer, seed=13).to(next(policy.parameters()).device)
+    generator.load_weights(changed)  # asleep: taken when it wakes
+    engine_lps, policy_lps = generator.prompt_logprobs(sequences), policy_logprobs(changed, sequences)
+    for engine_lp, policy_lp in zip(engine_lps, policy_lps, strict=True):
+        torch.testing.assert_close(engine_lp, policy_lp, atol=_atol(policy), rtol=0)
+
+
+def _atol(policy) -> float:
+    """Per-token log-prob tolerance: float32 on CPU agrees to ~1e-7; CUDA kernels (TF32 matmuls,
+    other reduction orders) are allowed more."""
+    return 1e-4 if next(policy.parameters()).device.type == "cpu" else 2e-3
 
 
 def _optim(**options):

@@ -45,6 +45,7 @@ RESUME_MAY_CHANGE = (
     "rs.keep_last",
     "rs.on_nonfinite_reward",
     "optim.max_nonfinite_updates",
+    "optim.adamw_impl",
     "model.device",
     "model.threads",
     "data.validation",

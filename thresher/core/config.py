@@ -100,6 +100,11 @@ class OptimConfig(Section):
     )
     epochs_per_step: int = Field(1, ge=1, description="Passes over a step's kept rollouts.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm (None: no clipping).")
+    adamw_impl: Literal["auto", "fused", "foreach", "loop"] = Field(
+        "auto",
+        description="AdamW kernel: fused (one pass, no full-size temporaries; auto picks it where torch has it), "
+        "foreach (torch's default), loop (one parameter at a time). All compute the same update.",
+    )
     max_nonfinite_updates: int = Field(
         3, ge=1, description="Stop the run after this many updates in a row skipped for a NaN/inf loss or gradient."
     )
