@@ -15,7 +15,7 @@ achieved FLOP/s (6 × parameters × tokens / s, the LM head counted only on the 
 against this machine's measured fp32 matmul FLOP/s,
 and the training pass's peak memory. Memory is measured in a fresh process per contender that loads
 the model and runs only that contender's training pass on the same kept sequences (Thresher's), so
-the process's peak RSS (``ru_maxrss``) is the training pass's peak; RSS sampled inside one long-lived
+the process's peak RSS (VmHWM) is the training pass's peak; RSS sampled inside one long-lived
 process is not comparable between contenders (the allocator reuses pages freed by earlier phases).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,15 @@ class PeakRSS:
 
 def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries that over from
+    the parent across fork and exec, so a child would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def matmul_flops() -> float:
@@ -316,7 +324,7 @@ def train_pass_only(args: argparse.Namespace) -> None:
     else:
         _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = _peak_rss() / 2**20
     print(json.dumps({"peak_mb": peak_mb, "loaded_mb": loaded_mb, "seconds": seconds}))
 
 

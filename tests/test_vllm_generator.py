@@ -83,6 +83,13 @@ def test_n_rollouts_per_prompt_grouped_with_their_own_token_ids(engine, generato
     assert len({tuple(r.response_ids) for r in rollouts}) > 6  # sampled, not copies
 
 
+def test_the_engine_reports_no_usage_statistics(engine):
+    """No network at run time: vLLM's usage reporting is off unless the user turns it on."""
+    from vllm.usage.usage_lib import is_usage_stats_enabled
+
+    assert not is_usage_stats_enabled()
+
+
 def test_same_seed_same_samples_whatever_the_chunking(engine, generator):
     prompts = prompts_for(engine[2])
     first = generator.generate(prompts, 3, seed=5)

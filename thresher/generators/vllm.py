@@ -371,6 +371,9 @@ def _import_vllm() -> Any:
     # model can take the policy's tensors directly. vLLM's INFO log is quieted: Thresher reports phases.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # No network at run time: vLLM otherwise reports usage statistics to its servers.
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     try:
         with warnings.catch_warnings():  # deprecation notices from vLLM's own imports, not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
