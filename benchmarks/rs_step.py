@@ -106,10 +106,10 @@ def training_flops(model: torch.nn.Module, all_tokens: int, head_tokens: int) ->
     return 6 * (body - head) * all_tokens + 6 * head * head_tokens
 
 
-def make_data(directory: Path, count: int, repeats: int) -> Path:
+def make_data(directory: Path, count: int, repeats: int, tail: str = TAIL) -> Path:
     path = directory / "long_prompts.jsonl"
     rows = [
-        {"prompt": f"{FILLER * repeats}{TAIL}What is {a} + {b}? {ANSWER}", "answer": a + b}
+        {"prompt": f"{FILLER * repeats}{tail}What is {a} + {b}? {ANSWER}", "answer": a + b}
         for a, b in [(3 + i % 9, 2 + (i * 5) % 11) for i in range(count)]
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -344,7 +344,8 @@ def main() -> None:
     peak = matmul_flops()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        data = make_data(scratch, args.prompts * 4, repeats=2 if args.model == "smollm2" else 1)  # 200+ tokens
+        smollm2 = args.model == "smollm2"  # 200+ tokens; the tiny model's characters must fit its 512
+        data = make_data(scratch, args.prompts * 4, repeats=2 if smollm2 else 1, tail=TAIL if smollm2 else "")
         ours = thresher_step(args, data, scratch)
         model, tokenizer, prompts = ours.pop("model"), ours.pop("tokenizer"), ours.pop("prompts")
         params = sum(p.numel() for p in model.parameters())
