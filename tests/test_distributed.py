@@ -155,3 +155,52 @@ def test_prompts_per_step_must_split_over_the_ranks(tmp_path):
     result = thresher("train", config(tmp_path, "odd", prompts_per_step=3), "--nproc", "2")
     assert result.returncode != 0
     assert "rs.prompts_per_step: 3 prompts cannot be split evenly over 2 ranks" in result.stderr
+
+
+def fsdp_config(tmp: Path, name: str, strategy: str, max_steps: int = 3) -> Path:
+    """Optimizer batches of 3 over 2 ranks with micro-batches of 1: the ranks run unequal numbers of
+    passes (2 and 1), which FSDP's collectives only survive if the shorter rank pads."""
+    path = config(tmp, name, max_steps=max_steps)
+    data = yaml.safe_load(path.read_text())
+    data["optim"].update(strategy=strategy, batch_size=3, micro_batch_size=1)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_and_fsdp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    single = thresher("train", fsdp_config(tmp, "one", "ddp"), "-q")
+    assert single.returncode == 0, single.stderr
+    sharded = thresher("train", fsdp_config(tmp, "fsdp", "fsdp"), "--nproc", "2", "-q")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    return tmp
+
+
+def test_fsdp_makes_the_same_update_as_one_process(one_and_fsdp):
+    one, fsdp = one_and_fsdp / "one", one_and_fsdp / "fsdp"
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(fsdp / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=TOLERANCE, rtol=0)  # measured: 1.4e-6
+    assert_same_metrics(read_jsonl(fsdp / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl"))
+    # the checkpoint holds FSDP's gathered optimizer state (keyed by parameter name), proof the run was sharded
+    optimizer = torch.load(fsdp / "checkpoints" / "step_3" / "optimizer.pt", weights_only=True)
+    assert all(isinstance(key, str) for key in optimizer["state"])
+    plain = torch.load(one / "checkpoints" / "step_3" / "optimizer.pt", weights_only=True)
+    assert all(isinstance(key, int) for key in plain["state"])
+
+
+def test_an_fsdp_run_resumes_exactly(one_and_fsdp, tmp_path):
+    path = fsdp_config(tmp_path, "resumed", "fsdp", max_steps=2)
+    first = thresher("train", path, "--nproc", "2", "-q")
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = yaml.safe_load(path.read_text())
+    data["rs"]["max_steps"] = 3
+    path.write_text(yaml.safe_dump(data))
+    resumed = thresher("train", path, "--resume", "--nproc", "2", "-q")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(one_and_fsdp / "fsdp" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep_last: int | None = None,
 ) -> Path:
@@ -71,7 +72,7 @@ def save_checkpoint(
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(_untie(weights), tmp / "model.safetensors")
         failpoint("checkpoint", step)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(torch_rng_state(), tmp / "rng.pt")
         payload = {**state, "step": step, "rng": python_rng_state()}
         (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
@@ -130,14 +131,21 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states; returns ``state.json``'s contents."""
+def load_checkpoint(
+    path: Path,
+    load_weights: Callable[[dict[str, torch.Tensor]], None],
+    load_optimizer: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states; returns ``state.json``'s contents.
+
+    The weights and optimizer state go through callbacks, so a sharded (FSDP) policy can scatter them.
+    """
     if not (path / "state.json").is_file():
         raise ThresherError(f"{path}: not a checkpoint directory (no state.json)")
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        load_weights(load_file(path / "model.safetensors"))
+        load_optimizer(torch.load(path / "optimizer.pt", weights_only=True))
         set_torch_rng_state(torch.load(path / "rng.pt", weights_only=True))
     except (OSError, ValueError, RuntimeError) as err:
         raise ThresherError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None

@@ -100,6 +100,11 @@ class OptimConfig(Section):
     )
     epochs_per_step: int = Field(1, ge=1, description="Passes over a step's kept rollouts.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm (None: no clipping).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps the whole model on every rank and sums gradients; fsdp shards "
+        "weights, gradients and AdamW state (FSDP2), keeping one full copy for generation.",
+    )
     adamw_impl: Literal["auto", "fused", "foreach", "loop"] = Field(
         "auto",
         description="AdamW kernel: fused (one pass, no full-size temporaries; auto picks it where torch has it), "

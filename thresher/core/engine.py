@@ -31,6 +31,7 @@ from thresher.core.records import rollout_record, step_statistics
 from thresher.core.registry import Registry
 from thresher.core.rundir import RunDir
 from thresher.core.selection import BestPool, Guardrails, diversity, duplicate_mask
+from thresher.core.sharding import PolicyHolder
 from thresher.core.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt, Rollout
 
@@ -109,6 +110,9 @@ class Engine:
             f"model {cfg.model.path}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
             f"on {self.device} ({time.perf_counter() - t0:.1f}s)"
         )
+        self.holder = PolicyHolder(self.model, self.dist, cfg.optim.strategy)
+        if cfg.optim.strategy == "fsdp" and not self.holder.sharded:
+            self.reporter.info("optim.strategy fsdp: one process, nothing to shard (it applies under torchrun)")
         if training and self.dist.is_main:
             self.run_dir.check_space(self.model)
         self.reporter.phase("reading prompts")
@@ -136,7 +140,7 @@ class Engine:
             instantiate(self.registry, "scorer", cfg.validation_scorer, context) if cfg.validation_scorer else None
         )
         self.trainer = Trainer(
-            self.model,
+            self.holder.train_model,
             self.loss,
             cfg.optim,
             max_steps=cfg.rs.max_steps,
@@ -185,7 +189,11 @@ class Engine:
                     f"number (now {self.dist.world_size})"
                 ]
             )
-        load_checkpoint(path, self.model, self.trainer.optimizer)
+        load_checkpoint(
+            path,
+            self.holder.load_weights,
+            lambda state: self.holder.load_optimizer_state(self.trainer.optimizer, state),
+        )
         self.stream.load_state_dict(saved["data"])
         self.start_step = self.completed_step = self.checkpointed_step = int(saved["step"])
         self.trainer.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
@@ -304,6 +312,7 @@ class Engine:
         if sequences:
             self.reporter.phase(f"step {step}: refreshing generator weights")
             t_refresh = time.perf_counter()
+            self.holder.sync_full()  # under FSDP: gather the updated shards into the full copy
             self.generator.load_weights(self.model)
             record["time_refresh"] = time.perf_counter() - t_refresh
             generator_metrics = getattr(self.generator, "metrics", None)
@@ -340,7 +349,7 @@ class Engine:
         # ReST-EM: start again from the base model with a fresh optimizer. Past this point the
         # previous step's weights are gone, so the step is no longer abandoned on an interrupt.
         self.interrupts.check(f"during step {step}")
-        self.model.load_state_dict(self.base_state)
+        self.holder.load_weights(self.base_state)
         self.trainer.reset_optimizer()
         return self.trainer.train_step(step - 1, sequences, abandonable=False)
 
@@ -510,12 +519,13 @@ class Engine:
             "kept_so_far": [[list(s.prompt_ids), list(s.response_ids)] for s in self.kept_so_far],
             "world_size": self.dist.world_size,
         }
+        optimizer_state = self.holder.optimizer_state(self.trainer.optimizer)  # gathered on every rank under FSDP
         if self.dist.is_main:  # every rank holds the same weights and optimizer state
             save_checkpoint(
                 self.run_dir.checkpoints,
                 step,
                 self.model,
-                self.trainer.optimizer,
+                optimizer_state,
                 state,
                 keep_last=self.config.rs.keep_last,
             )

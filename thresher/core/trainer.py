@@ -23,6 +23,7 @@ from thresher.core.config import OptimConfig
 from thresher.core.distributed import Distributed
 from thresher.core.errors import ConfigError, ThresherError
 from thresher.core.faults import failpoint
+from thresher.core.sharding import is_sharded
 from thresher.core.types import Loss
 
 # Configs that change logits after the LM head; response-only projection would skip that step.
@@ -85,6 +86,8 @@ def response_logprobs(
 def _can_project_selectively(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return False
+    if is_sharded(model):  # FSDP gathers the root's weights (the LM head) only in the root's own forward
         return False
     base = getattr(model, "base_model", None)
     return base is not None and base is not model and model.get_output_embeddings() is not None
@@ -152,6 +155,7 @@ class Trainer:
         self.interrupt_check = interrupt_check
         self.dist = dist or Distributed()
         self.nonfinite_in_a_row = 0
+        self.sharded = is_sharded(model)
 
     def reset_optimizer(self) -> None:
         """Forget AdamW's moments (training restarts from the base model)."""
@@ -218,21 +222,38 @@ class Trainer:
         # it (by length, so shards stay balanced); the loss keeps the whole batch's counts, and the
         # gradients are summed over ranks: the update is the one a single process would make.
         counts = {"num_sequences": len(batch), "num_tokens": sum(len(s.response_ids) for s in batch)}
-        mine = sorted(batch, key=len, reverse=True)[self.dist.rank :: self.dist.world_size]
+        ordered = sorted(batch, key=len, reverse=True)
+        mine = ordered[self.dist.rank :: self.dist.world_size]
+        # FSDP gathers parameters in every forward and reduces gradients in every backward, so every
+        # rank must run as many micro-batches as the busiest one (extra ones count zero).
+        micro = self.config.micro_batch_size
+        passes = max(-(-len(ordered[r :: self.dist.world_size]) // micro) for r in range(self.dist.world_size))
+        filler = ordered[0] if self.sharded else None
         try:
             local = accumulate_gradients(
-                self.model, self.loss_fn, mine, self.config.micro_batch_size, self.pad_id, self.device, check, **counts
+                self.model,
+                self.loss_fn,
+                mine,
+                micro,
+                self.pad_id,
+                self.device,
+                check,
+                **counts,
+                min_passes=passes if self.sharded else 0,
+                filler=filler,
             )
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        self.dist.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+        if not self.sharded:  # FSDP has reduce-scattered (summed) the gradients already
+            self.dist.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
         total = self.dist.sum(local)
         if abandonable:
             self.interrupt_check()
         failpoint("train", self.step_number)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -249,11 +270,14 @@ def accumulate_gradients(
     interrupt_check: Callable[[], None] | None = None,
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    min_passes: int = 0,
+    filler: TrainSequence | None = None,
 ) -> float:
     """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss.
 
     Every micro-batch is normalized by the counts of the *whole* batch, so the accumulated
-    gradient equals the full-batch gradient for any ``micro_batch_size``.
+    gradient equals the full-batch gradient for any ``micro_batch_size``. ``min_passes`` pads the
+    number of forward/backward passes with ``filler`` weighted zero (FSDP needs equal counts per rank).
     """
     # Normalize by the whole optimizer batch's counts (``batch`` may be this rank's share of it).
     num_sequences = num_sequences if num_sequences is not None else len(batch)
@@ -269,4 +293,10 @@ def accumulate_gradients(
         loss, _ = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
         loss.backward()
         total += float(loss.detach())
+    for _ in range(min_passes - -(-len(ordered) // micro_batch_size)):
+        if filler is None:
+            raise ValueError("padding the passes needs a filler sequence")
+        input_ids, attention_mask, response_mask = collate([filler], pad_id, device)
+        token_logprobs = response_logprobs(model, input_ids, attention_mask, response_mask)
+        (token_logprobs.sum() * 0.0).backward()
     return total
