@@ -6,8 +6,9 @@
 Contenders (each does generate → score → keep the best per prompt → one fine-tuning update):
 1. sequential: the reference implementation's style: N separate sampling calls per prompt batch,
    blocking reward calls, and the loss over a full-sequence (sequence × vocabulary) log-softmax;
-2. transformers loop: generate(num_return_sequences=N), scoring, then a transformers Trainer pass
-   on the kept pairs (TRL's SFT trainer would pull numpy 2, which breaks PyTriton beside it);
+2. transformers loop: generate(num_return_sequences=N), scoring, then TRL's SFTTrainer on the kept
+   pairs when TRL is installed (see the README for the pins that keep numpy < 2 beside PyTriton),
+   else a transformers Trainer pass;
 3. Thresher: the engine's step (fast decode, response-only logits, length-sorted micro-batches).
 
 Prints per phase wall time and tokens/s, the ratios baseline / Thresher, the training pass's
@@ -22,6 +23,7 @@ process is not comparable between contenders (the allocator reuses pages freed b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -229,7 +231,7 @@ def baseline_step(kind: str, args: argparse.Namespace, model, tokenizer, prompts
         if kind == "sequential":
             _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
         else:
-            _trainer_update(model, kept, tokenizer.pad_token_id, args)
+            _trainer_update(model, kept, tokenizer.pad_token_id, args, tokenizer)
         t_train = time.perf_counter() - start
     return {
         "generate": t_generate,
@@ -257,13 +259,22 @@ def _full_softmax_update(model, kept, pad_id, args) -> None:
     optimizer.step()
 
 
-def _trainer_update(model, kept, pad_id, args) -> None:
+def _sft_examples(kept) -> list[dict]:
+    """Pre-tokenized pairs, loss on the response only (prompt labels -100)."""
+    return [
+        {"input_ids": [*s.prompt_ids, *s.response_ids], "labels": [-100] * len(s.prompt_ids) + list(s.response_ids)}
+        for s in kept
+    ]
+
+
+def _trainer_update(model, kept, pad_id, args, tokenizer=None) -> None:
+    """Baseline 2's fine-tuning pass: TRL's SFTTrainer if TRL is installed, else transformers' Trainer."""
+    if importlib.util.find_spec("trl") is not None and tokenizer is not None:
+        _trl_update(model, kept, tokenizer, args)
+        return
     from transformers import Trainer, TrainingArguments
 
-    examples = []
-    for s in kept:
-        ids = list(s.prompt_ids) + list(s.response_ids)
-        examples.append({"input_ids": ids, "labels": [-100] * len(s.prompt_ids) + list(s.response_ids)})
+    examples = _sft_examples(kept)
 
     def collate_fn(batch):
         width = max(len(b["input_ids"]) for b in batch)
@@ -290,6 +301,33 @@ def _trainer_update(model, kept, pad_id, args) -> None:
             gradient_accumulation_steps=max(1, len(kept) // args.micro),
         )
         Trainer(model=model, args=arguments, train_dataset=examples, data_collator=collate_fn).train()
+
+
+def _trl_update(model, kept, tokenizer, args) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as out:
+        config = SFTConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.micro,
+            gradient_accumulation_steps=max(1, len(kept) // args.micro),
+            num_train_epochs=1,
+            learning_rate=1e-5,
+            max_grad_norm=1.0,
+            max_length=None,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        dataset = Dataset.from_list(_sft_examples(kept))
+        SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer).train()
+
+
+def baseline_2_name() -> str:
+    return "TRL SFT loop" if importlib.util.find_spec("trl") is not None else "transformers loop"
 
 
 def training_pass_process(kind: str, args: argparse.Namespace, kept_file: Path) -> dict:
@@ -320,7 +358,7 @@ def train_pass_only(args: argparse.Namespace) -> None:
             0, kept
         )
     elif args.train_pass == "transformers":
-        _trainer_update(model, kept, tokenizer.pad_token_id, args)
+        _trainer_update(model, kept, tokenizer.pad_token_id, args, tokenizer)
     else:
         _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
     seconds = time.perf_counter() - start
@@ -363,14 +401,14 @@ def main() -> None:
         f"measured fp32 matmul {peak / 1e9:.0f} GFLOP/s"
     )
     print(
-        f"{'':<14}{'generate s':>11}{'gen tok/s':>10}{'score s':>9}{'train s':>9}{'train %peak':>12}"
+        f"{'':<18}{'generate s':>11}{'gen tok/s':>10}{'score s':>9}{'train s':>9}{'train %peak':>12}"
         f"{'step s':>8}{'step ratio':>11}"
     )
     for name, r in results.items():
         flops = training_flops(model, r["train_tokens"], r["head_tokens"]) / r["train"] if r["train"] > 0 else 0
         ratio = r["step"] / results["thresher"]["step"]
         print(
-            f"{name:<14}{r['generate']:>11.2f}{r['gen_tokens'] / r['generate']:>10.1f}{r['score']:>9.3f}"
+            f"{_label(name):<18}{r['generate']:>11.2f}{r['gen_tokens'] / r['generate']:>10.1f}{r['score']:>9.3f}"
             f"{r['train']:>9.2f}{100 * flops / peak:>11.0f}%{r['step']:>8.2f}{ratio:>10.2f}x"
         )
     ours = results["thresher"]
@@ -378,14 +416,18 @@ def main() -> None:
         f"\ntraining pass alone, each in a fresh process, on the same {ours['kept']} kept sequences "
         f"({ours['train_tokens']} tokens):"
     )
-    print(f"{'':<14}{'train s':>9}{'train %peak':>12}{'peak RSS MB':>12}{'above loaded model MB':>23}")
+    print(f"{'':<18}{'train s':>9}{'train %peak':>12}{'peak RSS MB':>12}{'above loaded model MB':>23}")
     for name, m in memory.items():
         head = ours["head_tokens"] if name == "thresher" else ours["train_tokens"]
         flops = training_flops(model, ours["train_tokens"], head) / m["seconds"]
         print(
-            f"{name:<14}{m['seconds']:>9.2f}{100 * flops / peak:>11.0f}%{m['peak_mb']:>12.0f}"
+            f"{_label(name):<18}{m['seconds']:>9.2f}{100 * flops / peak:>11.0f}%{m['peak_mb']:>12.0f}"
             f"{m['peak_mb'] - m['loaded_mb']:>23.0f}"
         )
+
+
+def _label(kind: str) -> str:
+    return baseline_2_name() if kind == "transformers" else kind
 
 
 if __name__ == "__main__":
