@@ -6,9 +6,9 @@
 Contenders (each does generate → score → keep the best per prompt → one fine-tuning update):
 1. sequential: the reference implementation's style: N separate sampling calls per prompt batch,
    blocking reward calls, and the loss over a full-sequence (sequence × vocabulary) log-softmax;
-2. transformers loop: generate(num_return_sequences=N), scoring, then TRL's SFTTrainer on the kept
-   pairs when TRL is installed (see the README for the pins that keep numpy < 2 beside PyTriton),
-   else a transformers Trainer pass;
+2. transformers loop: generate(num_return_sequences=N), scoring, then a transformers Trainer pass on
+   the kept pairs, or TRL's SFTTrainer with ``--baseline2 trl`` (TRL installed with the pins in the
+   README that keep numpy < 2 beside PyTriton);
 3. Thresher: the engine's step (fast decode, response-only logits, length-sorted micro-batches).
 
 Prints per phase wall time and tokens/s, the ratios baseline / Thresher, the training pass's
@@ -50,6 +50,7 @@ FILLER = (
     "anything else about mathematics. "
 )
 
+USE_TRL = False  # set from --baseline2
 ANSWER = "Answer with just the number."
 # Takes the chat-formatted SmolLM2 prompts to 200+ tokens.
 TAIL = "Now the question, which has one number as its answer. "
@@ -269,7 +270,7 @@ def _sft_examples(kept) -> list[dict]:
 
 def _trainer_update(model, kept, pad_id, args, tokenizer=None) -> None:
     """Baseline 2's fine-tuning pass: TRL's SFTTrainer if TRL is installed, else transformers' Trainer."""
-    if importlib.util.find_spec("trl") is not None and tokenizer is not None:
+    if USE_TRL and tokenizer is not None:
         _trl_update(model, kept, tokenizer, args)
         return
     from transformers import Trainer, TrainingArguments
@@ -321,18 +322,30 @@ def _trl_update(model, kept, tokenizer, args) -> None:
             logging_strategy="no",
             use_cpu=True,
             disable_tqdm=True,
+            # TRL turns activation checkpointing on by default (slower, less memory); the other contenders
+            # do not checkpoint, and it would stay switched on in the shared model afterwards.
+            gradient_checkpointing=False,
         )
         dataset = Dataset.from_list(_sft_examples(kept))
         SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer).train()
 
 
 def baseline_2_name() -> str:
-    return "TRL SFT loop" if importlib.util.find_spec("trl") is not None else "transformers loop"
+    return "TRL SFT loop" if USE_TRL else "transformers loop"
 
 
 def training_pass_process(kind: str, args: argparse.Namespace, kept_file: Path) -> dict:
     """Run one contender's training pass alone in a fresh process; returns its peak and its time."""
-    command = [sys.executable, __file__, "--model", args.model, "--micro", str(args.micro)]
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--micro",
+        str(args.micro),
+        "--baseline2",
+        args.baseline2,
+    ]
     command += ["--train-pass", kind, "--kept", str(kept_file)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -375,7 +388,12 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--train-pass", choices=["thresher", "transformers", "sequential"], help=argparse.SUPPRESS)
     parser.add_argument("--kept", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline2", choices=["trainer", "trl"], default="trainer", help="baseline 2's SFT pass")
     args = parser.parse_args()
+    global USE_TRL
+    USE_TRL = args.baseline2 == "trl"
+    if USE_TRL and importlib.util.find_spec("trl") is None:
+        parser.error("--baseline2 trl needs TRL (see the README for the pins that keep numpy < 2)")
     if args.train_pass:
         train_pass_only(args)
         return
