@@ -124,7 +124,8 @@ def build_adamw(parameters: list[torch.nn.Parameter], config: OptimConfig) -> to
             return torch.optim.AdamW(parameters, fused=True, **options)
         except (RuntimeError, ValueError) as err:  # a device or dtype without a fused kernel
             if impl == "fused":
-                raise ConfigError([f"optim.adamw_impl: fused AdamW is not available here: {err}"]) from None
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise ConfigError([f"optim.adamw_impl: fused AdamW is not available here: {reason}"]) from None
     return torch.optim.AdamW(parameters, foreach=impl != "loop", **options)
 
 

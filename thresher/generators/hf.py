@@ -21,7 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 from thresher.generators.fast_decode import Sampling, decode
-from thresher.generators.sampling import SamplingConfig, eos_token_ids
+from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
 
 
 class HFGenerator:
@@ -38,11 +38,8 @@ class HFGenerator:
         compaction: bool = Field(True, description="fast decode: drop finished rows from the decode batch.")
 
     def __init__(self, config: Config, context: PluginContext):
-        if context.policy is None or context.tokenizer is None:
-            raise ValueError("the hf generator needs the policy and its tokenizer in the plugin context")
+        self.model, self.tokenizer = require_policy(context, "hf")
         self.config = config
-        self.model = context.policy
-        self.tokenizer = context.tokenizer
         self.device = context.device
         self.should_stop = context.should_stop
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)

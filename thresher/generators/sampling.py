@@ -23,6 +23,13 @@ class SamplingConfig(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the response).")
 
 
+def require_policy(context: Any, generator: str) -> tuple[torch.nn.Module, Any]:
+    """The policy and tokenizer a generator samples with; both must be in the plugin context."""
+    if context.policy is None or context.tokenizer is None:
+        raise ValueError(f"the {generator} generator needs the policy and its tokenizer in the plugin context")
+    return context.policy, context.tokenizer
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     """Every token id that ends a response: the model's generation config may list several
     (chat models often add an end-of-turn token) besides the tokenizer's own EOS."""

@@ -55,7 +55,7 @@ from pydantic import Field
 
 from thresher.core.errors import ConfigError, GeneratorError
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
-from thresher.generators.sampling import SamplingConfig, eos_token_ids
+from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
 
 INSTALL_HINT = (
     "generator.type: vllm needs vLLM, which is not installed: pip install 'thresher[vllm]' on a CUDA machine, "
@@ -113,11 +113,8 @@ class VLLMGenerator:
         )
 
     def __init__(self, config: Config, context: PluginContext):
-        if context.policy is None or context.tokenizer is None:
-            raise ValueError("the vllm generator needs the policy and its tokenizer in the plugin context")
+        self.policy, self.tokenizer = require_policy(context, "vllm")
         self.config = config
-        self.policy = context.policy
-        self.tokenizer = context.tokenizer
         self.should_stop = context.should_stop
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise ConfigError(
