@@ -6,18 +6,23 @@
 Contenders (each does generate → score → keep the best per prompt → one fine-tuning update):
 1. sequential: the reference implementation's style: N separate sampling calls per prompt batch,
    blocking reward calls, and the loss over a full-sequence (sequence × vocabulary) log-softmax;
-2. transformers loop: generate(num_return_sequences=N), scoring, then a transformers Trainer pass on
-   the kept pairs, or TRL's SFTTrainer with ``--baseline2 trl`` (TRL installed with the pins in the
-   README that keep numpy < 2 beside PyTriton);
-3. Thresher: the engine's step (fast decode, response-only logits, length-sorted micro-batches).
+2. the hand-built loop: generate(num_return_sequences=N), scoring, then TRL's SFTTrainer on the kept
+   pairs (``pip install -e '.[bench]'``), or transformers' Trainer where TRL is not installed
+   (``--baseline2`` picks one);
+3. Thresher: the engine's step (fast decode with shared prefix attention, response-only logits,
+   length-sorted micro-batches).
+
+Each contender runs in its own fresh process, loads the model from the same files, runs a warm-up
+step, then the measured step on the prompt batches Thresher's engine drew for its steps 1 and 2:
+nothing one contender leaves behind (a trainer's autocast wrapper, allocator state, warmed caches)
+can touch another's figures. All run in fp32.
 
 Prints per phase wall time and tokens/s, the ratios baseline / Thresher, the training pass's
 achieved FLOP/s (6 × parameters × tokens / s, the LM head counted only on the positions where it runs)
-against this machine's measured fp32 matmul FLOP/s,
-and the training pass's peak memory. Memory is measured in a fresh process per contender that loads
-the model and runs only that contender's training pass on the same kept sequences (Thresher's), so
-the process's peak RSS (VmHWM) is the training pass's peak; RSS sampled inside one long-lived
-process is not comparable between contenders (the allocator reuses pages freed by earlier phases).
+against this machine's fp32 matmul FLOP/s (the best 2048³ product rate, measured before and after the
+contenders, the higher taken), and the training pass's peak memory. Memory is measured in a fresh
+process per contender that loads the model and runs only that contender's training pass on the same
+kept sequences (Thresher's), so the process's peak RSS (VmHWM) is the training pass's peak.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -49,31 +53,10 @@ FILLER = (
     "astronomy for thousands of years, and children learn to add small numbers long before they learn "
     "anything else about mathematics. "
 )
-
-USE_TRL = False  # set from --baseline2
 ANSWER = "Answer with just the number."
 # Takes the chat-formatted SmolLM2 prompts to 200+ tokens.
 TAIL = "Now the question, which has one number as its answer. "
-
-
-class PeakRSS:
-    """Peak resident memory growth while the block runs (sampled every 5 ms), in MB."""
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.growth_mb = (self.peak - self.base) / 2**20
+CONTENDERS = ("thresher", "transformers", "sequential")
 
 
 def _rss() -> int:
@@ -90,7 +73,7 @@ def _peak_rss() -> int:
 
 
 def matmul_flops() -> float:
-    """The machine's fp32 matmul rate: the best of 3 trials of 2048³ products (measured first, idle)."""
+    """The machine's fp32 matmul rate: the best of 3 trials of 2048³ products."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
     best = 0.0
@@ -102,11 +85,16 @@ def matmul_flops() -> float:
     return best
 
 
-def training_flops(model: torch.nn.Module, all_tokens: int, head_tokens: int) -> float:
+def training_flops(params: dict, all_tokens: int, head_tokens: int) -> float:
     """Forward + backward ≈ 6 × parameters × tokens, with the LM head counted only where it runs."""
+    return 6 * params["body"] * all_tokens + 6 * params["head"] * head_tokens
+
+
+def parameter_counts(model: torch.nn.Module) -> dict:
     head = model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for p in model.parameters()) - (0 if model.config.tie_word_embeddings else head)
-    return 6 * (body - head) * all_tokens + 6 * head * head_tokens
+    total = sum(p.numel() for p in model.parameters())
+    body = total - (0 if model.config.tie_word_embeddings else head) - head  # the embedding lookup is free
+    return {"total": total, "body": body, "head": head}
 
 
 def make_data(directory: Path, count: int, repeats: int, tail: str = TAIL) -> Path:
@@ -119,10 +107,12 @@ def make_data(directory: Path, count: int, repeats: int, tail: str = TAIL) -> Pa
     return path
 
 
-def thresher_step(args: argparse.Namespace, data: Path, scratch: Path) -> dict:
+def thresher_step(args: argparse.Namespace, scratch: Path) -> dict:
+    """Thresher's engine: a warm-up step, then the measured one. Writes the prompt batches it drew
+    (for the baselines) and its kept sequences (for the memory passes) to ``scratch``."""
     registry = build_registry()
     overrides = [
-        f"data.train={data}",
+        f"data.train={scratch / 'long_prompts.jsonl'}",
         "data.validation=null",
         f"rs.prompts_per_step={args.prompts}",
         f"rs.num_rollouts_per_prompt={args.n}",
@@ -142,42 +132,45 @@ def thresher_step(args: argparse.Namespace, data: Path, scratch: Path) -> dict:
     engine = Engine(config, registry, ConsoleReporter(quiet=True))
     engine.setup()
     engine.step(1)  # warm-up (same work as the measured step)
-    memory = PeakRSS()
-    train_step = engine.trainer.train_step
-
-    def measured(*a, **k):  # the peak memory of the training pass alone, like the baselines'
-        with memory:
-            return train_step(*a, **k)
-
-    engine.trainer.train_step = measured
     record = engine.step(2)
-    # tokens the training pass processed: prompt + response of every kept rollout
-    rollouts_file = scratch / "thresher" / "rollouts" / "step_2.jsonl"
-    rows = [json.loads(line) for line in rollouts_file.read_text().splitlines()]
-    lengths = {p.index: len(p.token_ids) for p in engine.train_prompts}
-    trained = sum(lengths[r["prompt_index"]] + len(r["response_ids"]) for r in rows if r["kept"])
-    head_tokens = sum(len(r["response_ids"]) for r in rows if r["kept"])  # response-only LM head
+    steps = {
+        step: [json.loads(line) for line in (scratch / "thresher" / "rollouts" / f"step_{step}.jsonl").open()]
+        for step in (1, 2)
+    }
+    batches = [sorted({r["prompt_index"] for r in rows}) for rows in steps.values()]
+    (scratch / "batches.json").write_text(json.dumps(batches))
     prompt_ids = {p.index: list(p.token_ids) for p in engine.train_prompts}
-    kept = [[prompt_ids[r["prompt_index"]], r["response_ids"]] for r in rows if r["kept"]]
+    kept = [[prompt_ids[r["prompt_index"]], r["response_ids"]] for r in steps[2] if r["kept"]]
+    (scratch / "kept.json").write_text(json.dumps(kept))
     return {
         "generate": record["time_generate"],
         "score": record["time_score"],
         "train": record["time_train"],
         "step": record["time_step"],
         "gen_tokens": record["generated_tokens"],
-        "train_tokens": trained,
-        "head_tokens": head_tokens,
+        "train_tokens": sum(len(p) + len(r) for p, r in kept),
+        "head_tokens": sum(len(r) for _, r in kept),  # response-only LM head
         "kept": record["kept"],
-        "mem": memory.growth_mb,
-        "kept_sequences": kept,
-        "model": engine.model,
-        "tokenizer": engine.tokenizer,
-        "prompts": engine.train_prompts[: args.prompts],
+        "params": parameter_counts(engine.model),
+        "prompt_tokens": sum(len(prompt_ids[i]) for i in batches[1]) / len(batches[1]),
     }
 
 
+def baseline_run(kind: str, args: argparse.Namespace, scratch: Path) -> dict:
+    """A baseline in its own process: the same model files and the prompt batches Thresher drew."""
+    from thresher.core.data import load_prompts
+    from thresher.core.model import load_policy
+
+    model, tokenizer = load_policy(f"builtin:{args.model}")
+    chat = "auto" if args.model == "smollm2" else "never"
+    prompts = {p.index: p for p in load_prompts(str(scratch / "long_prompts.jsonl"), tokenizer, chat_template=chat)[0]}
+    warm_up, measured = ([prompts[i] for i in batch] for batch in json.loads((scratch / "batches.json").read_text()))
+    baseline_step(kind, args, model, tokenizer, warm_up)
+    return baseline_step(kind, args, model, tokenizer, measured)
+
+
 def baseline_step(kind: str, args: argparse.Namespace, model, tokenizer, prompts) -> dict:
-    """The sequential reference-style loop (kind='sequential') or the transformers loop ('transformers')."""
+    """The sequential reference-style loop (kind='sequential') or the hand-built loop ('transformers')."""
     model.train(False)
     texts = [p.text for p in prompts]
     answers = [p.extra["answer"] for p in prompts]
@@ -224,16 +217,14 @@ def baseline_step(kind: str, args: argparse.Namespace, model, tokenizer, prompts
     for p in range(len(prompts)):
         group = rewards[p * args.n : (p + 1) * args.n]
         best = max(range(args.n), key=lambda s: (group[s], -s))
-        prompt_ids = tokenizer(texts[p], add_special_tokens=False)["input_ids"]
-        kept.append(TrainSequence(tuple(prompt_ids), tuple(response_ids[p * args.n + best])))
+        kept.append(TrainSequence(tuple(prompts[p].token_ids), tuple(response_ids[p * args.n + best])))
     model.train(True)
-    with PeakRSS() as memory:
-        start = time.perf_counter()
-        if kind == "sequential":
-            _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
-        else:
-            _trainer_update(model, kept, tokenizer.pad_token_id, args, tokenizer)
-        t_train = time.perf_counter() - start
+    start = time.perf_counter()
+    if kind == "sequential":
+        _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
+    else:
+        _sft_update(model, kept, tokenizer, args)
+    t_train = time.perf_counter() - start
     return {
         "generate": t_generate,
         "score": t_score,
@@ -243,7 +234,6 @@ def baseline_step(kind: str, args: argparse.Namespace, model, tokenizer, prompts
         "train_tokens": sum(len(s) for s in kept),
         "head_tokens": sum(len(s) for s in kept),  # full logits: the LM head runs on every position
         "kept": len(kept),
-        "mem": memory.growth_mb,
     }
 
 
@@ -268,14 +258,16 @@ def _sft_examples(kept) -> list[dict]:
     ]
 
 
-def _trainer_update(model, kept, pad_id, args, tokenizer=None) -> None:
-    """Baseline 2's fine-tuning pass: TRL's SFTTrainer if TRL is installed, else transformers' Trainer."""
-    if USE_TRL and tokenizer is not None:
+def _sft_update(model, kept, tokenizer, args) -> None:
+    """Baseline 2's fine-tuning pass: TRL's SFTTrainer, or transformers' Trainer (``--baseline2``)."""
+    if args.baseline2 == "trl":
         _trl_update(model, kept, tokenizer, args)
-        return
-    from transformers import Trainer, TrainingArguments
+    else:
+        _trainer_update(model, kept, tokenizer.pad_token_id, args)
 
-    examples = _sft_examples(kept)
+
+def _trainer_update(model, kept, pad_id, args) -> None:
+    from transformers import Trainer, TrainingArguments
 
     def collate_fn(batch):
         width = max(len(b["input_ids"]) for b in batch)
@@ -301,7 +293,7 @@ def _trainer_update(model, kept, pad_id, args, tokenizer=None) -> None:
             disable_tqdm=True,
             gradient_accumulation_steps=max(1, len(kept) // args.micro),
         )
-        Trainer(model=model, args=arguments, train_dataset=examples, data_collator=collate_fn).train()
+        Trainer(model=model, args=arguments, train_dataset=_sft_examples(kept), data_collator=collate_fn).train()
 
 
 def _trl_update(model, kept, tokenizer, args) -> None:
@@ -322,37 +314,29 @@ def _trl_update(model, kept, tokenizer, args) -> None:
             logging_strategy="no",
             use_cpu=True,
             disable_tqdm=True,
+            # SFTConfig defaults to bf16 autocast, which this CPU (AVX2, no bf16 units) runs through a
+            # reference GEMM ~10x slower than fp32: every contender runs fp32.
+            bf16=False,
             # TRL turns activation checkpointing on by default (slower, less memory); the other contenders
-            # do not checkpoint, and it would stay switched on in the shared model afterwards.
+            # do not checkpoint.
             gradient_checkpointing=False,
         )
         dataset = Dataset.from_list(_sft_examples(kept))
         SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer).train()
 
 
-def baseline_2_name() -> str:
-    return "TRL SFT loop" if USE_TRL else "transformers loop"
-
-
-def training_pass_process(kind: str, args: argparse.Namespace, kept_file: Path) -> dict:
-    """Run one contender's training pass alone in a fresh process; returns its peak and its time."""
-    command = [
-        sys.executable,
-        __file__,
-        "--model",
-        args.model,
-        "--micro",
-        str(args.micro),
-        "--baseline2",
-        args.baseline2,
-    ]
-    command += ["--train-pass", kind, "--kept", str(kept_file)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+def _child(args: argparse.Namespace, *extra: str) -> dict:
+    """Run this script in a fresh process with ``extra`` arguments; returns the JSON it prints last."""
+    command = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts), "--n", str(args.n)]
+    command += ["--tokens", str(args.tokens), "--micro", str(args.micro), "--baseline2", args.baseline2, *extra]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(extra)} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def train_pass_only(args: argparse.Namespace) -> None:
-    """The child side of :func:`training_pass_process`: load, train once, print peak RSS as JSON."""
+def train_pass_only(args: argparse.Namespace, scratch: Path) -> dict:
+    """One contender's training pass alone (the child of the memory measurement): load, train once."""
     from thresher.core.config import OptimConfig
     from thresher.core.model import load_policy
     from thresher.core.trainer import Trainer
@@ -360,7 +344,7 @@ def train_pass_only(args: argparse.Namespace) -> None:
     from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
     model, tokenizer = load_policy(f"builtin:{args.model}")
-    kept = [TrainSequence(tuple(p), tuple(r)) for p, r in json.loads(Path(args.kept).read_text())]
+    kept = [TrainSequence(tuple(p), tuple(r)) for p, r in json.loads((scratch / "kept.json").read_text())]
     loaded_mb = _rss() / 2**20
     model.train(True)
     start = time.perf_counter()
@@ -371,12 +355,11 @@ def train_pass_only(args: argparse.Namespace) -> None:
             0, kept
         )
     elif args.train_pass == "transformers":
-        _trainer_update(model, kept, tokenizer.pad_token_id, args, tokenizer)
+        _sft_update(model, kept, tokenizer, args)
     else:
         _full_softmax_update(model, kept, tokenizer.pad_token_id, args)
     seconds = time.perf_counter() - start
-    peak_mb = _peak_rss() / 2**20
-    print(json.dumps({"peak_mb": peak_mb, "loaded_mb": loaded_mb, "seconds": seconds}))
+    return {"peak_mb": _peak_rss() / 2**20, "loaded_mb": loaded_mb, "seconds": seconds}
 
 
 def main() -> None:
@@ -386,50 +369,64 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--train-pass", choices=["thresher", "transformers", "sequential"], help=argparse.SUPPRESS)
-    parser.add_argument("--kept", help=argparse.SUPPRESS)
-    parser.add_argument("--baseline2", choices=["trainer", "trl"], default="trainer", help="baseline 2's SFT pass")
+    parser.add_argument(
+        "--baseline2",
+        choices=["auto", "trl", "trainer"],
+        default="auto",
+        help="baseline 2's SFT pass: TRL's SFTTrainer, transformers' Trainer, or auto (TRL when installed)",
+    )
+    parser.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--train-pass", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global USE_TRL
-    USE_TRL = args.baseline2 == "trl"
-    if USE_TRL and importlib.util.find_spec("trl") is None:
-        parser.error("--baseline2 trl needs TRL (see the README for the pins that keep numpy < 2)")
-    if args.train_pass:
-        train_pass_only(args)
+    has_trl = importlib.util.find_spec("trl") is not None
+    if args.baseline2 == "auto":
+        args.baseline2 = "trl" if has_trl else "trainer"
+    if args.baseline2 == "trl" and not has_trl:
+        parser.error("--baseline2 trl needs TRL: pip install -e '.[bench]'")
+    if args.contender or args.train_pass:  # a child process
+        scratch = Path(args.scratch)
+        if args.train_pass:
+            result = train_pass_only(args, scratch)
+        elif args.contender == "thresher":
+            result = thresher_step(args, scratch)
+        else:
+            result = baseline_run(args.contender, args, scratch)
+        print(json.dumps(result))
         return
-    peak = matmul_flops()
+    peak_before = matmul_flops()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         smollm2 = args.model == "smollm2"  # 200+ tokens; the tiny model's characters must fit its 512
-        data = make_data(scratch, args.prompts * 4, repeats=2 if smollm2 else 1, tail=TAIL if smollm2 else "")
-        ours = thresher_step(args, data, scratch)
-        model, tokenizer, prompts = ours.pop("model"), ours.pop("tokenizer"), ours.pop("prompts")
-        params = sum(p.numel() for p in model.parameters())
-        prompt_len = sum(len(p.token_ids) for p in prompts) / len(prompts)
-        results = {"thresher": ours}
-        for kind in ("transformers", "sequential"):
-            baseline_step(kind, args, model, tokenizer, prompts)  # warm-up
-            results[kind] = baseline_step(kind, args, model, tokenizer, prompts)
-        kept_file = scratch / "kept.json"
-        kept_file.write_text(json.dumps(ours.pop("kept_sequences")))
-        memory = {kind: training_pass_process(kind, args, kept_file) for kind in results}
+        make_data(scratch, args.prompts * 4, repeats=2 if smollm2 else 1, tail=TAIL if smollm2 else "")
+        results = {}
+        for kind in CONTENDERS:  # Thresher first: it draws the prompt batches the baselines then use
+            print(f"running {_label(kind, args)} ...", file=sys.stderr, flush=True)
+            results[kind] = _child(args, "--contender", kind, "--scratch", scratch_dir)
+        memory = {}
+        for kind in CONTENDERS:
+            print(f"training pass alone: {_label(kind, args)} ...", file=sys.stderr, flush=True)
+            memory[kind] = _child(args, "--train-pass", kind, "--scratch", scratch_dir)
+    peak = max(peak_before, matmul_flops())
+    ours = results["thresher"]
+    params = ours["params"]
     print(
-        f"\nmodel {args.model} ({params / 1e6:.1f}M params): {args.prompts} prompts of ~{prompt_len:.0f} tokens x "
-        f"N={args.n}, <= {args.tokens} new tokens; {torch.get_num_threads()} threads; "
-        f"measured fp32 matmul {peak / 1e9:.0f} GFLOP/s"
+        f"\nmodel {args.model} ({params['total'] / 1e6:.1f}M params): {args.prompts} prompts of "
+        f"~{ours['prompt_tokens']:.0f} tokens x N={args.n}, <= {args.tokens} new tokens; "
+        f"{torch.get_num_threads()} threads; fp32 matmul {peak / 1e9:.0f} GFLOP/s "
+        f"(before {peak_before / 1e9:.0f})"
     )
     print(
         f"{'':<18}{'generate s':>11}{'gen tok/s':>10}{'score s':>9}{'train s':>9}{'train %peak':>12}"
         f"{'step s':>8}{'step ratio':>11}"
     )
     for name, r in results.items():
-        flops = training_flops(model, r["train_tokens"], r["head_tokens"]) / r["train"] if r["train"] > 0 else 0
-        ratio = r["step"] / results["thresher"]["step"]
+        flops = training_flops(params, r["train_tokens"], r["head_tokens"]) / r["train"] if r["train"] > 0 else 0
+        ratio = r["step"] / ours["step"]
         print(
-            f"{_label(name):<18}{r['generate']:>11.2f}{r['gen_tokens'] / r['generate']:>10.1f}{r['score']:>9.3f}"
-            f"{r['train']:>9.2f}{100 * flops / peak:>11.0f}%{r['step']:>8.2f}{ratio:>10.2f}x"
+            f"{_label(name, args):<18}{r['generate']:>11.2f}{r['gen_tokens'] / r['generate']:>10.1f}"
+            f"{r['score']:>9.3f}{r['train']:>9.2f}{100 * flops / peak:>11.0f}%{r['step']:>8.2f}{ratio:>10.2f}x"
         )
-    ours = results["thresher"]
     print(
         f"\ntraining pass alone, each in a fresh process, on the same {ours['kept']} kept sequences "
         f"({ours['train_tokens']} tokens):"
@@ -437,15 +434,17 @@ def main() -> None:
     print(f"{'':<18}{'train s':>9}{'train %peak':>12}{'peak RSS MB':>12}{'above loaded model MB':>23}")
     for name, m in memory.items():
         head = ours["head_tokens"] if name == "thresher" else ours["train_tokens"]
-        flops = training_flops(model, ours["train_tokens"], head) / m["seconds"]
+        flops = training_flops(params, ours["train_tokens"], head) / m["seconds"]
         print(
-            f"{_label(name):<18}{m['seconds']:>9.2f}{100 * flops / peak:>11.0f}%{m['peak_mb']:>12.0f}"
+            f"{_label(name, args):<18}{m['seconds']:>9.2f}{100 * flops / peak:>11.0f}%{m['peak_mb']:>12.0f}"
             f"{m['peak_mb'] - m['loaded_mb']:>23.0f}"
         )
 
 
-def _label(kind: str) -> str:
-    return baseline_2_name() if kind == "transformers" else kind
+def _label(kind: str, args: argparse.Namespace) -> str:
+    if kind == "transformers":
+        return "TRL SFT loop" if args.baseline2 == "trl" else "transformers loop"
+    return kind
 
 
 if __name__ == "__main__":

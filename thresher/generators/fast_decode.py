@@ -17,10 +17,14 @@ compaction or shared prefill off gives the very same samples (tested). Greedy de
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from thresher.generators.shared_prefix import SharedPrefix, shared_prefix_attention, supports_shared_prefix
 
 
 @dataclass(frozen=True)
@@ -63,28 +67,20 @@ def decode(
     suppress: list[int] | None = None,
     shared_prefill: bool = True,
     compaction: bool = True,
+    shared_kv: bool = True,
 ) -> list[tuple[list[int], str]]:
-    """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason)``."""
+    """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason)``.
+
+    ``shared_kv`` (with ``shared_prefill``): the N samples of a prompt read one copy of its KV cache
+    (:mod:`thresher.generators.shared_prefix`) where the model supports it, instead of N copies.
+    """
     device = next(model.parameters()).device
     rows = len(prompts) * n
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(prompts, pad_id, device)
     if not shared_prefill:
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, logits, mask, next_position, prefix = _prefill(model, ids, mask, n if shared_prefill else 1, shared_kv)
     cache_arg = _cache_argument(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = _cache_of(out), out.logits[:, -1, :].float()
-    if shared_prefill:
-        cache.batch_repeat_interleave(n)
-        logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-        positions = positions.repeat_interleave(n, 0)
-    next_position = positions[:, -1:] + 1
 
     generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[list[int]] = [[] for _ in range(rows)]
@@ -92,47 +88,87 @@ def decode(
     active = torch.arange(rows, device=device)  # original row of each batch row
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), device=device)
-    for _ in range(sampling.max_new_tokens):
-        if suppress:
-            logits[:, suppress] = float("-inf")
-        # Noise for every original row, so a row's draw never depends on which rows remain.
-        noise = torch.rand((rows, logits.shape[-1]), generator=generator, device=device)
-        if sampling.greedy:
-            chosen = logits.argmax(dim=-1)
-        else:
-            gumbel = -torch.log(-torch.log(noise[active].clamp_min(1e-20)))
-            chosen = (filter_logits(logits, sampling) + gumbel).argmax(dim=-1)
-        finished_now = torch.isin(chosen, eos)
-        for batch_row, (row, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):
-            if done[row]:
-                continue  # a finished row kept in the batch (compaction off): its tokens are padding
-            responses[row].append(token)
-            if finished_now[batch_row]:
-                reasons[row], done[row] = "eos", True
-            elif stop_check is not None and stop_check(responses[row]):
-                reasons[row], done[row] = "stop", True
-        still = ~done[active]
-        if not bool(still.any()):
-            break
-        step_ids = chosen[:, None]
-        if compaction and not bool(still.all()):
-            keep = still.nonzero().flatten()
-            cache.batch_select_indices(keep)
-            active, mask, next_position, step_ids = active[keep], mask[keep], next_position[keep], step_ids[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=next_position, use_cache=True, **{cache_arg: cache}
-        )
-        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
-        next_position = next_position + 1
+    with shared_prefix_attention(model) if prefix is not None else nullcontext():
+        for _ in range(sampling.max_new_tokens):
+            if suppress:
+                logits[:, suppress] = float("-inf")
+            # Noise for every original row, so a row's draw never depends on which rows remain.
+            noise = torch.rand((rows, logits.shape[-1]), generator=generator, device=device)
+            if sampling.greedy:
+                chosen = logits.argmax(dim=-1)
+            else:
+                gumbel = -torch.log(-torch.log(noise[active].clamp_min(1e-20)))
+                chosen = (filter_logits(logits, sampling) + gumbel).argmax(dim=-1)
+            finished_now = torch.isin(chosen, eos)
+            for batch_row, (row, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):
+                if done[row]:
+                    continue  # a finished row kept in the batch (compaction off): its tokens are padding
+                responses[row].append(token)
+                if finished_now[batch_row]:
+                    reasons[row], done[row] = "eos", True
+                elif stop_check is not None and stop_check(responses[row]):
+                    reasons[row], done[row] = "stop", True
+            still = ~done[active]
+            if not bool(still.any()):
+                break
+            step_ids = chosen[:, None]
+            if compaction and not bool(still.all()):
+                keep = still.nonzero().flatten()
+                if cache.get_seq_length() > 0:  # a fresh per-sample cache has nothing to select yet
+                    cache.batch_select_indices(keep)
+                active, mask, next_position, step_ids = active[keep], mask[keep], next_position[keep], step_ids[keep]
+            inputs = {"input_ids": step_ids, "position_ids": next_position, "use_cache": True, cache_arg: cache}
+            if prefix is not None:  # no mask: every cached suffix token is real, the prefix carries its own
+                out = model(**inputs, shared_prefix=prefix.for_rows(active))
+            else:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                out = model(**inputs, attention_mask=mask)
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+            next_position = next_position + 1
     return [(responses[row], reasons[row]) for row in range(rows)]
+
+
+def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token sequences into ``(input_ids, attention_mask)`` for batched generation."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _prefill(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int, shared_kv: bool
+) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor, SharedPrefix | None]:
+    """Run the prompts once; return the decode's cache, first logits, mask and next positions, one row
+    per sample (each prompt's row repeated ``n`` times), and the shared prefix when one is used."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Only the last position's logits are sampled from: the LM head skips the rest of the prompt.
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+    cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+    prefix = None
+    if n > 1 and shared_kv and supports_shared_prefix(model):
+        # The prompts' cache stays one copy per prompt; a fresh cache holds each sample's own tokens.
+        from transformers import DynamicCache
+
+        prefix, cache = SharedPrefix.from_cache(cache, mask, n), DynamicCache(config=model.config)
+    elif n > 1:
+        cache.batch_repeat_interleave(n)
+    logits, mask, positions = (t.repeat_interleave(n, 0) for t in (logits, mask, positions))
+    return cache, logits, mask, positions[:, -1:] + 1, prefix
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
     """transformers 5 renamed the forward's ``past_key_values`` to ``cache``; accept either."""
-    import inspect
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
 
 
 def _cache_of(output: object) -> object:

@@ -20,7 +20,7 @@ from pydantic import Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
-from thresher.generators.fast_decode import Sampling, decode
+from thresher.generators.fast_decode import Sampling, decode, left_pad
 from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
 
 
@@ -36,6 +36,11 @@ class HFGenerator:
         )
         shared_prefill: bool = Field(True, description="fast decode: prefill each prompt once for its N samples.")
         compaction: bool = Field(True, description="fast decode: drop finished rows from the decode batch.")
+        shared_kv: bool = Field(
+            True,
+            description="fast decode with shared_prefill: the N samples of a prompt attend to one copy of its KV "
+            "cache instead of N copies (Llama, Mistral, Qwen2/3 model types; others keep the copies).",
+        )
 
     def __init__(self, config: Config, context: PluginContext):
         self.model, self.tokenizer = require_policy(context, "hf")
@@ -91,6 +96,7 @@ class HFGenerator:
             suppress=[self.pad_id] if self.pad_id not in self.eos_ids else None,
             shared_prefill=cfg.shared_prefill,
             compaction=cfg.compaction,
+            shared_kv=cfg.shared_kv,
         )
         rollouts = []
         for row, (ids, reason) in enumerate(results):
@@ -196,15 +202,3 @@ class StopWhenAsked(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
-
-
-def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token sequences into ``(input_ids, attention_mask)`` for batched generation."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
