@@ -51,6 +51,7 @@ def main() -> None:
         for label, options in {
             "transformers generate()": {"decode": "generate"},
             "fast: shared prefill + compaction": {},
+            "fast: the same, KV cache repeated": {"shared_kv": False},
             "fast: compaction only": {"shared_prefill": False},
             "fast: shared prefill only": {"compaction": False},
         }.items():

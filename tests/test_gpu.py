@@ -45,6 +45,22 @@ def test_sampling_on_cuda_is_reproducible(tiny_model, tiny_tokenizer):
     assert len({tuple(ids) for ids in first}) > 8
 
 
+def test_shared_kv_on_cuda_samples_what_the_repeated_cache_samples(tiny_model, tiny_tokenizer):
+    model = tiny_model.to("cuda")
+    prompts = [Prompt(i, t, tuple(tiny_tokenizer(t)["input_ids"])) for i, t in enumerate(TEXTS)]
+    context = PluginContext(tokenizer=tiny_tokenizer, policy=model, device=torch.device("cuda"))
+    samples = [
+        [
+            r.response_ids
+            for r in HFGenerator(HFGenerator.Config(max_new_tokens=16, shared_kv=shared), context).generate(
+                prompts, 4, seed=5
+            )
+        ]
+        for shared in (True, False)
+    ]
+    assert samples[0] == samples[1]
+
+
 def test_tiny_preset_trains_on_cuda(tiny_config, write_config, cli):
     tiny_config["model"]["device"] = "cuda"
     tiny_config["rs"].update(max_steps=12, prompts_per_step=8, num_rollouts_per_prompt=8)
