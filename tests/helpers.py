@@ -5,22 +5,28 @@ from __future__ import annotations
 import torch
 
 
+def small_llama_config(tokenizer, *, hidden: int = 32, heads: int = 4, kv_heads: int | None = None, **extra):
+    """A 2-layer LlamaConfig sized to ``tokenizer`` (``kv_heads`` < ``heads``: grouped-query attention)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def save_classifier(path, tokenizer, num_labels: int):
     """A real (tiny, random) LlamaForSequenceClassification saved with ``tokenizer`` to ``path``."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
+    model = LlamaForSequenceClassification(small_llama_config(tokenizer, num_labels=num_labels))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model

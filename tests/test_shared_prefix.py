@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from thresher.generators import shared_prefix
 from thresher.generators.fast_decode import Sampling, decode
 from thresher.generators.shared_prefix import SharedPrefix, attention, supports_shared_prefix
+
+from .helpers import small_llama_config
 
 TEXTS = ["What is 1 + 2?", "Hi", "A much longer prompt than the others, to force padding.", "7 + 5 ="]
 
@@ -57,16 +59,7 @@ def test_attention_needs_its_prefix_and_one_query_token():
 @pytest.fixture
 def gqa_model(tiny_tokenizer):
     """A small Llama with grouped-query attention (4 query heads share 2 KV heads)."""
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-    )
+    config = small_llama_config(tiny_tokenizer, hidden=64, kv_heads=2, eos_token_id=tiny_tokenizer.eos_token_id)
     torch.manual_seed(1)
     return LlamaForCausalLM(config).eval()
 

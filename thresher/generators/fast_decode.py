@@ -3,7 +3,9 @@
 ``generate(num_return_sequences=N)`` repeats every prompt N times *before* the prefill, and keeps
 every row in the batch until the longest one ends. Here:
 
-- **shared prefill**: each prompt is run once; its KV cache is then repeated for its N samples;
+- **shared prefill**: each prompt is run once (its LM head only on the last position);
+- **shared KV**: the N samples then attend to that one copy of the prompt's KV cache
+  (:mod:`thresher.generators.shared_prefix`); models it does not support get the cache repeated N times;
 - **batch compaction**: a row that emits EOS (or a stop string) leaves the batch, so later decode
   steps only compute rows still generating.
 
