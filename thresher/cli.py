@@ -102,6 +102,10 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         nproc: Annotated[
             int, typer.Option("--nproc", min=1, help="Processes on this machine (runs torchrun for you).")
         ] = 1,
+        dry_run: Annotated[
+            bool,
+            typer.Option("--dry-run", help="Print the memory plan (nothing heavy is loaded, nothing written)."),
+        ] = False,
     ) -> None:
         """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
         from thresher.core.config import load_config
@@ -110,6 +114,10 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
 
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)  # fail here, once, not in every rank
+        if dry_run:
+            plan = Engine(run_config, registry, ConsoleReporter(err_console, quiet=True)).plan(training=True)
+            typer.echo(plan.render())
+            return
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             forwarded = [config, *[a for item in set_ or [] for a in ("--set", item)]]
             forwarded += ["--resume"] if resume else []

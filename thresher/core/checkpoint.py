@@ -2,7 +2,8 @@
 
 ``checkpoints/step_N/`` holds
 
-- ``model.safetensors``: the policy's weights;
+- ``model.safetensors``: the policy's weights at training precision (the fp32 master weights of a
+  16-bit policy);
 - ``optimizer.pt``: AdamW's state (tensors and numbers only, loaded with ``weights_only=True``);
 - ``rng.pt``: torch's CPU (and CUDA) generator states;
 - ``state.json``: the step, the data position (prompts consumed), Python's and NumPy's RNG states and
@@ -58,7 +59,7 @@ RESUME_MAY_CHANGE = (
 def save_checkpoint(
     root: Path,
     step: int,
-    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep_last: int | None = None,
@@ -69,7 +70,7 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step_"))
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(_untie(weights), tmp / "model.safetensors")
         failpoint("checkpoint", step)
         torch.save(optimizer_state, tmp / "optimizer.pt")

@@ -29,6 +29,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraOptions(Section):
+    """LoRA adapters (peft): only these train; the base weights stay frozen."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the adapter's output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: all-linear (every linear layer but the LM head) or a list of "
+        "module names (q_proj, v_proj, …).",
+    )
+
+
 class ModelConfig(Section):
     path: str = Field(
         "builtin:smollm2",
@@ -38,6 +51,11 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Policy weights dtype.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'…")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (needs peft).")
+    memory_check: bool = Field(
+        True,
+        description="Stop before loading when the memory plan (thresher train --dry-run) says the run will not fit.",
+    )
 
 
 class DataConfig(Section):
@@ -113,6 +131,16 @@ class OptimConfig(Section):
     max_nonfinite_updates: int = Field(
         3, ge=1, description="Stop the run after this many updates in a row skipped for a NaN/inf loss or gradient."
     )
+    master_weights: Literal["auto", "fp32", "none"] = Field(
+        "auto",
+        description="fp32 master weights and AdamW moments for the update (auto: when model.dtype is 16-bit). "
+        "none updates 16-bit weights directly, which rounds small updates away.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward instead of keeping them "
+        "(transformers' gradient checkpointing, non-reentrant): less memory per micro-batch, ~30% more compute.",
+    )
 
 
 class DistributedConfig(Section):
@@ -128,6 +156,14 @@ class OutputConfig(Section):
     dir: str = Field("runs/default", description="Run directory (config, metrics, rollouts, checkpoints).")
     overwrite: bool = Field(False, description="Allow writing into a run directory that already has a run.")
     save_final: bool = Field(True, description="Write final/ (an HF from_pretrained directory).")
+    merge_lora: bool = Field(
+        False, description="With model.lora: also write final/merged/, a plain HF model with the adapters merged in."
+    )
+    final_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of final/'s weights: float32 keeps the master weights as trained; a 16-bit dtype "
+        "halves the files.",
+    )
 
 
 class GuardrailsConfig(Section):

@@ -26,13 +26,23 @@ from thresher.core.errors import ConfigError, OutputError, ScorerError, Thresher
 from thresher.core.faults import failpoint
 from thresher.core.interrupt import Interrupts, StopRequested
 from thresher.core.metrics import ConsoleReporter, MetricsWriter, NullWriter
-from thresher.core.model import load_policy, resolve_device
+from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
 from thresher.core.records import rollout_record, step_statistics
 from thresher.core.registry import Registry
 from thresher.core.rundir import RunDir
 from thresher.core.selection import BestPool, Guardrails, diversity, duplicate_mask
 from thresher.core.sharding import PolicyHolder
 from thresher.core.trainer import Trainer, TrainSequence
+from thresher.core.training.lora import apply_lora, load_adapters, merged_state_dict
+from thresher.core.training.memory import (
+    MemoryPlan,
+    checkpoint_sizes,
+    enable_activation_checkpointing,
+    format_bytes,
+    peak_memory,
+    plan_run_memory,
+)
+from thresher.core.training.precision import check_trainable_precision, wants_master_weights
 from thresher.core.types import PluginContext, Prompt, Rollout
 
 VALIDATION_SEED_OFFSET = 7_919
@@ -85,6 +95,11 @@ class Engine:
 
     def setup(self, *, training: bool = True, resume: str | bool | None = None) -> None:
         cfg = self.config
+        precision_warning = check_trainable_precision(cfg.model.dtype, cfg.optim.master_weights) if training else None
+        if training and cfg.model.lora is not None and cfg.optim.strategy == "fsdp":
+            raise ConfigError(
+                ["model.lora: not with optim.strategy=fsdp yet; use ddp (LoRA's optimizer state is adapter-sized)"]
+            )
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         self.dist = init_distributed(cfg.distributed.timeout_s)
@@ -94,34 +109,41 @@ class Engine:
             self.interrupts = Interrupts(enabled=False)
             self.reporter.quiet = self.reporter.quiet or not self.dist.is_main
             self._check_divisible()
-        if training and self.dist.is_main:
-            self.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, config_yaml=dump_config(cfg))
-        self.dist.barrier()
         self.device = resolve_device(cfg.model.device)
         if self.dist.backend == "nccl":
             self.device = torch.device("cuda", self.dist.local_rank)
+        # Everything light first — tokenizer, model config, prompts, the memory plan — so a run that
+        # cannot work stops before its directory is touched or any weights are read.
+        self.plan(training)
+        if not self.memory_plan.fits and cfg.model.memory_check:
+            raise ConfigError([self.memory_plan.refusal()])
+        if training and self.dist.is_main:
+            self.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, config_yaml=dump_config(cfg))
+            self.run_dir.write_atomic(self.run_dir.path / "memory_plan.txt", self.memory_plan.render() + "\n")
+        self.dist.barrier()
         self.reporter.phase(f"loading model {cfg.model.path}")
         t0 = time.perf_counter()
-        self.model, self.tokenizer = load_policy(cfg.model.path, cfg.model.dtype, seed=cfg.rs.seed)
+        self.model, self.tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.rs.seed, self.tokenizer)
+        self.peft_model = apply_lora(self.model, cfg.model.lora, cfg.rs.seed) if cfg.model.lora else None
         self.model.to(self.device)
+        if training and cfg.optim.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if precision_warning:
+            self.reporter.info(f"[yellow]warning:[/] {precision_warning}")
         if cfg.rs.restart_from_base:  # the base model every step restarts from (before any resume)
             self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        adapters = f", {trainable / 1e6:.2f}M of them LoRA adapters" if self.peft_model is not None else ""
         self.reporter.info(
-            f"model {cfg.model.path}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M parameters "
-            f"on {self.device} ({time.perf_counter() - t0:.1f}s)"
+            f"model {cfg.model.path}: {total / 1e6:.1f}M parameters{adapters}, {cfg.model.dtype} "
+            f"on {self.device} ({time.perf_counter() - t0:.1f}s); planned peak memory "
+            f"{format_bytes(self.memory_plan.peak)}"
         )
-        self.holder = PolicyHolder(self.model, self.dist, cfg.optim.strategy)
+        masters = wants_master_weights(cfg.optim.master_weights, DTYPES[cfg.model.dtype])
+        self.holder = PolicyHolder(self.model, self.dist, cfg.optim.strategy, master_weights=masters)
         if cfg.optim.strategy == "fsdp" and not self.holder.sharded:
             self.reporter.info("optim.strategy fsdp: one process, nothing to shard (it applies under torchrun)")
-        if training and self.dist.is_main:
-            self.run_dir.check_space(self.model)
-        self.reporter.phase("reading prompts")
-        self.train_prompts, self.skipped_long_prompts = self._load(cfg.data.train)
-        self.val_prompts = self._load(cfg.data.validation)[0] if cfg.data.validation else []
-        if cfg.rs.val_max_prompts is not None:
-            self.val_prompts = self.val_prompts[: cfg.rs.val_max_prompts]
-        if self.skipped_long_prompts:
-            self.reporter.info(f"skipped {self.skipped_long_prompts} training prompts longer than the limit")
         self.stream = PromptStream(self.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle)
         context = PluginContext(
             tokenizer=self.tokenizer,
@@ -150,9 +172,31 @@ class Engine:
             interrupt_check=self.interrupts.check,
             dist=self.dist,
         )
+        if training and self.dist.is_main:
+            sizes = checkpoint_sizes(self.model, self.trainer.params, cfg.output, lora=self.peft_model is not None)
+            self.run_dir.check_space(*sizes)
         if resume:
             self._resume(resume)
         self.reporter.done()
+
+    def plan(self, training: bool = True) -> MemoryPlan:
+        """Read the tokenizer, the model's config and the prompts (nothing heavy) and plan the memory."""
+        cfg = self.config
+        if not hasattr(self, "device"):
+            self.device = resolve_device(cfg.model.device)
+        self.reporter.phase("reading the tokenizer, the model config and the prompts")
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        model_config = load_model_config(cfg.model.path, self.tokenizer)
+        self.train_prompts, self.skipped_long_prompts = self._load(cfg.data.train, model_config)
+        self.val_prompts = self._load(cfg.data.validation, model_config)[0] if cfg.data.validation else []
+        if cfg.rs.val_max_prompts is not None:
+            self.val_prompts = self.val_prompts[: cfg.rs.val_max_prompts]
+        if self.skipped_long_prompts:
+            self.reporter.info(f"skipped {self.skipped_long_prompts} training prompts longer than the limit")
+        self.memory_plan = plan_run_memory(
+            cfg, model_config, self.train_prompts, self.device, training, self.dist.world_size
+        )
+        return self.memory_plan
 
     def _check_divisible(self) -> None:
         # Every rank's shard must be non-empty; equal shards keep generation balanced.
@@ -160,9 +204,9 @@ class Engine:
         if per_step % world:
             raise ConfigError([f"rs.prompts_per_step: {per_step} prompts cannot be split evenly over {world} ranks"])
 
-    def _load(self, source: str) -> tuple[list[Prompt], int]:
+    def _load(self, source: str, model_config: Any) -> tuple[list[Prompt], int]:
         d = self.config.data
-        limit, limit_name = prompt_token_limit(self.config, self.model)
+        limit, limit_name = prompt_token_limit(self.config, model_config)
         return load_prompts(
             source,
             self.tokenizer,
@@ -190,9 +234,7 @@ class Engine:
                 ]
             )
         load_checkpoint(
-            path,
-            self.holder.load_weights,
-            lambda state: self.holder.load_optimizer_state(self.trainer.optimizer, state),
+            path, self._load_weights, lambda state: self.holder.load_optimizer_state(self.trainer.optimizer, state)
         )
         self.stream.load_state_dict(saved["data"])
         self.start_step = self.completed_step = self.checkpointed_step = int(saved["step"])
@@ -208,6 +250,25 @@ class Engine:
         self.validation_history = [r for r in kept_lines if r.get("kind") == "validation"]
         self.generator.load_weights(self.model)  # an engine holding its own copy must take the resumed weights
         self.reporter.info(f"resumed from {path} at step {self.start_step}")
+
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Checkpointed weights (training precision) into the policy, its shards and the masters."""
+        if self.peft_model is not None:  # adapters only: the frozen base came from model.path
+            load_adapters(self.model, state)
+        else:
+            self.holder.load_weights(state)
+        self.trainer.load_weights(state)
+
+    def _policy_weights(self) -> dict[str, torch.Tensor]:
+        """The policy at training precision (under FSDP gathered from the shards: a collective);
+        with LoRA only the adapters, since the frozen base is reloaded from model.path."""
+        if self.holder.sharded:
+            return self.holder.full_state_dict()
+        weights = self.trainer.weights()
+        if self.peft_model is not None:
+            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            weights = {name: t for name, t in weights.items() if name in trainable}
+        return weights
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -230,15 +291,26 @@ class Engine:
                         self._checkpoint(self.completed_step)
                     metrics.write({"kind": "stop", "step": stop.step, "reason": stop.reason})
                     self.reporter.info(f"[yellow]stopped early after step {stop.step}:[/] {stop.reason}")
-            if self.config.output.save_final and self.dist.is_main:
+            weights = self._policy_weights() if self.config.output.save_final else None
+            if weights is not None and self.dist.is_main:
                 self.reporter.phase("writing final model")
-                self.run_dir.save_final(self.model, self.tokenizer)
-                self.reporter.info(f"final model: {self.run_dir.final} (load with from_pretrained)")
+                self._save_final(weights)
         finally:
             metrics.close()
             self.reporter.done()
         self.reporter.curve(self.history, self.validation_history)
         return self.history
+
+    def _save_final(self, weights: dict[str, torch.Tensor]) -> None:
+        out = self.config.output
+        if self.peft_model is None:
+            self.run_dir.save_final(self.model, self.tokenizer, weights, out.final_dtype)
+            self.reporter.info(f"final model: {self.run_dir.final} (load with from_pretrained)")
+            return
+        merged = merged_state_dict(self.model) if out.merge_lora else None
+        self.run_dir.save_final_adapter(self.peft_model, self.tokenizer, out.final_dtype, self.model, merged)
+        extra = f"; merged model: {self.run_dir.final / 'merged'}" if merged is not None else ""
+        self.reporter.info(f"final adapter: {self.run_dir.final} (load with PeftModel.from_pretrained){extra}")
 
     def _loop(self, metrics: MetricsWriter) -> None:
         cfg = self.config.rs
@@ -320,6 +392,8 @@ class Engine:
                 record.update({f"generator_{k}": v for k, v in generator_metrics().items()})
         record.update(scored.timings)
         record["time_step"] = time.perf_counter() - t0
+        record["memory_peak_mb"] = peak_memory(self.device) / 2**20
+        record["memory_planned_peak_mb"] = self.memory_plan.peak / 2**20
         return record
 
     def _training_set(
@@ -520,11 +594,12 @@ class Engine:
             "world_size": self.dist.world_size,
         }
         optimizer_state = self.holder.optimizer_state(self.trainer.optimizer)  # gathered on every rank under FSDP
+        weights = self._policy_weights()
         if self.dist.is_main:  # every rank holds the same weights and optimizer state
             save_checkpoint(
                 self.run_dir.checkpoints,
                 step,
-                self.model,
+                weights,
                 optimizer_state,
                 state,
                 keep_last=self.config.rs.keep_last,
@@ -584,13 +659,13 @@ class Engine:
         self.dist.close()
 
 
-def prompt_token_limit(config: RunConfig, model: torch.nn.Module) -> tuple[int | None, str]:
+def prompt_token_limit(config: RunConfig, model_config: Any) -> tuple[int | None, str]:
     """The longest prompt that fits: ``data.max_prompt_tokens`` and the model's context minus the
     generator's ``max_new_tokens``, whichever is smaller."""
     limits: list[tuple[int, str]] = []
     if config.data.max_prompt_tokens is not None:
         limits.append((config.data.max_prompt_tokens, f"data.max_prompt_tokens={config.data.max_prompt_tokens}"))
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = getattr(model_config, "max_position_embeddings", None)
     new_tokens = getattr(config.generator.config, "max_new_tokens", 0) or 0
     if isinstance(context, int):
         reason = f"the model's context ({context} tokens) minus generator.max_new_tokens={new_tokens}"

@@ -39,24 +39,77 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def load_policy(path: str, dtype: str = "float32", seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """Return ``(model, tokenizer)`` for ``path`` (see module docstring for the accepted forms)."""
+def load_policy(path: str, dtype: str = "float32", seed: int = 0, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+    """Return ``(model, tokenizer)`` for ``path`` (see module docstring for the accepted forms).
+
+    The weights are loaded in ``dtype`` directly (an 8B model in bf16 never passes through fp32);
+    a ``tokenizer`` already loaded (:func:`load_tokenizer`) is reused.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for a hub
     _quiet_transformers()
-    if path.startswith("builtin:"):
-        name = path.removeprefix("builtin:")
-        if name == "tiny":
-            tokenizer = build_tiny_tokenizer()
-            model = build_tiny_model(tokenizer, seed=seed)
-        elif name == "smollm2":
-            model, tokenizer = _load_smollm2()
-        else:
-            raise ConfigError([f"model.path: unknown built-in {path!r}; available: builtin:smollm2, builtin:tiny"])
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    torch_dtype = DTYPES[dtype]
+    if path == "builtin:tiny":
+        model = build_tiny_model(tokenizer, seed=seed).to(torch_dtype)
+    elif path == "builtin:smollm2":
+        model = _load_smollm2(tokenizer, torch_dtype)
     else:
-        model, tokenizer = _load_local(path)
-    model = model.to(DTYPES[dtype])
+        model = _load_local(path, torch_dtype)
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer alone (light: no weights), with a pad token."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    if path == "builtin:tiny":
+        return build_tiny_tokenizer()
+    if path == "builtin:smollm2":
+        cache = smollm2_cache_dir()
+        if (cache / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        else:
+            gguf = smollm2_gguf()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    elif path.startswith("builtin:"):
+        raise ConfigError([f"model.path: unknown built-in {path!r}; available: builtin:smollm2, builtin:tiny"])
+    else:
+        _require_model_dir(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ConfigError([f"model.path: cannot load the tokenizer of {path!r}: {_first_line(err)}"]) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(path: str, tokenizer: Any) -> Any:
+    """The model's ``PretrainedConfig`` alone (no weights): what the memory plan reads."""
+    from transformers import AutoConfig
+
+    if path == "builtin:tiny":
+        return tiny_config(tokenizer)
+    if path == "builtin:smollm2":
+        cache = smollm2_cache_dir()
+        if (cache / "config.json").is_file():
+            return AutoConfig.from_pretrained(cache, local_files_only=True)
+        gguf = smollm2_gguf()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if path.startswith("builtin:"):
+        raise ConfigError([f"model.path: unknown built-in {path!r}; available: builtin:smollm2, builtin:tiny"])
+    _require_model_dir(path)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError([f"model.path: cannot read {path!r}'s config.json: {_first_line(err)}"]) from None
+
+
+def _require_model_dir(path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError([f"model.path: {path!r} is not a model directory (no config.json)"])
 
 
 def _quiet_transformers() -> None:
@@ -66,18 +119,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _load_local(path: str) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_local(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
 
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise ConfigError([f"model.path: {path!r} is not a model directory (no config.json)"])
+    _require_model_dir(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ConfigError([f"model.path: cannot load {path!r} as a causal LM: {_first_line(err)}"]) from None
-    return model, tokenizer
 
 
 def _first_line(err: BaseException) -> str:
@@ -92,6 +141,21 @@ def _ensure_pad_token(model: torch.nn.Module, tokenizer: Any) -> None:
     gen_config = getattr(model, "generation_config", None)
     if gen_config is not None and gen_config.pad_token_id is None:
         gen_config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_pretrained_as(model: torch.nn.Module, directory: Path, weights: dict[str, torch.Tensor], dtype: str) -> None:
+    """``model.save_pretrained`` with ``weights`` cast to ``dtype`` (on the CPU, one tensor at a
+    time) and ``config.json`` saying that dtype: transformers writes the in-memory model's dtype,
+    which for a bf16 policy saved from its fp32 masters would be wrong."""
+    target = getattr(torch, dtype)
+    state = {k: v.detach().to("cpu", target) if v.is_floating_point() else v for k, v in weights.items()}
+    previous = model.config.dtype
+    model.save_pretrained(directory, state_dict=state)
+    try:
+        model.config.dtype = dtype
+        model.config.save_pretrained(directory)
+    finally:
+        model.config.dtype = previous
 
 
 # --- builtin:smollm2 --------------------------------------------------------------------------
@@ -115,16 +179,14 @@ def smollm2_cache_dir() -> Path:
     return root / smollm2_gguf().stem
 
 
-def _load_smollm2() -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_smollm2(tokenizer: Any, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
 
     cache = smollm2_cache_dir()
     if (cache / "model.safetensors").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
-        return AutoModelForCausalLM.from_pretrained(cache, local_files_only=True), tokenizer
+        return AutoModelForCausalLM.from_pretrained(cache, local_files_only=True, dtype=dtype)
     gguf = smollm2_gguf()
     print(f"first use of builtin:smollm2: converting {gguf.name} to {cache} (once, ~30 s)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained (its config says "quantized"); rebuilding it from a
     # clean config gives a plain fp32 model that saves, reloads fast, and trains like any other.
@@ -136,7 +198,7 @@ def _load_smollm2() -> tuple[torch.nn.Module, Any]:
     model.generation_config = quantized.generation_config
     del quantized
     _save_cache(model, tokenizer, cache)
-    return model, tokenizer
+    return model.to(dtype)
 
 
 def _save_cache(model: torch.nn.Module, tokenizer: Any, cache: Path) -> None:
@@ -175,9 +237,21 @@ def build_tiny_tokenizer() -> Any:
 
 def build_tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64, layers: int = 2) -> torch.nn.Module:
     """A small random Llama (~0.1M parameters) sized to ``tokenizer``, seeded for reproducibility."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
+    config = tiny_config(tokenizer, hidden, layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def tiny_config(tokenizer: Any, hidden: int = 64, layers: int = 2) -> Any:
+    """The ``LlamaConfig`` of :func:`build_tiny_model`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -191,8 +265,3 @@ def build_tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64, layers: in
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model

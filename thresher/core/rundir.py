@@ -19,10 +19,9 @@ import torch
 
 from thresher.core.checkpoint import WRITE_ERRORS
 from thresher.core.errors import ConfigError, OutputError
+from thresher.core.model import save_pretrained_as
 
 RUN_OUTPUTS = ("metrics.jsonl", "rollouts", "checkpoints", "final")
-# A checkpoint holds the weights and AdamW's two moments (3× the weights); the final model 1× more.
-CHECKPOINT_WEIGHT_MULTIPLE = 3
 SPACE_MARGIN = 1.1
 
 
@@ -62,10 +61,9 @@ class RunDir:
         self.guarded(lambda: self.rollouts.mkdir(exist_ok=True), "rollouts/")
         self.write_atomic(self.path / "config.yaml", config_yaml)
 
-    def check_space(self, model: torch.nn.Module) -> None:
+    def check_space(self, checkpoint_bytes: int, final_bytes: int) -> None:
         """Refuse to start when the disk cannot take one checkpoint and the final model."""
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        needed = int(weights * (CHECKPOINT_WEIGHT_MULTIPLE + 1) * SPACE_MARGIN)
+        needed = int((checkpoint_bytes + final_bytes) * SPACE_MARGIN)
         free = shutil.disk_usage(self.path).free
         if free < needed:
             raise OutputError(
@@ -92,12 +90,42 @@ class RunDir:
         text = "".join(json.dumps({"step": step, **row}) + "\n" for row in rows)
         self.write_atomic(self.rollouts / f"step_{step}.jsonl", text)
 
-    def save_final(self, model: torch.nn.Module, tokenizer: Any) -> None:
+    def save_final(self, model: torch.nn.Module, tokenizer: Any, weights: dict[str, torch.Tensor], dtype: str) -> None:
+        """An HF ``from_pretrained`` directory of ``weights`` (the trained masters) cast to ``dtype``."""
+
         def save() -> None:
             tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tmp-final"))
             try:
-                model.save_pretrained(tmp)
+                save_pretrained_as(model, tmp, weights, dtype)
                 tokenizer.save_pretrained(tmp)
+                if self.final.exists():
+                    shutil.rmtree(self.final)
+                os.replace(tmp, self.final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        self.guarded(save, "final/")
+
+    def save_final_adapter(
+        self,
+        peft_model: Any,
+        tokenizer: Any,
+        dtype: str,
+        model: torch.nn.Module,
+        merged: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """``final/`` as a peft adapter directory (``PeftModel.from_pretrained``), and with ``merged``
+        also ``final/merged/``, a plain HF model with the adapters merged in."""
+        from thresher.core.training.lora import save_adapter
+
+        def save() -> None:
+            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tmp-final"))
+            try:
+                save_adapter(peft_model, tmp, dtype)
+                tokenizer.save_pretrained(tmp)
+                if merged is not None:
+                    save_pretrained_as(model, tmp / "merged", merged, dtype)
+                    tokenizer.save_pretrained(tmp / "merged")
                 if self.final.exists():
                     shutil.rmtree(self.final)
                 os.replace(tmp, self.final)

@@ -30,13 +30,18 @@ class PolicyHolder:
     """The policy as the trainer updates it (``train_model``) and as everything else reads it
     (``full_model``). Without FSDP both are the same module and every method is free."""
 
-    def __init__(self, model: torch.nn.Module, dist: Distributed, strategy: Strategy):
+    def __init__(self, model: torch.nn.Module, dist: Distributed, strategy: Strategy, master_weights: bool = False):
         self.sharded = strategy == "fsdp" and dist.enabled
         self.full_model = model
         self.train_model = model
         if self.sharded:
             self.train_model = copy.deepcopy(model)
-            shard(self.train_model)
+            compute_dtype = next(model.parameters()).dtype
+            if master_weights and compute_dtype != torch.float32:
+                # The sharded copy is the fp32 master; FSDP casts each unit's gathered weights to the
+                # policy's 16-bit dtype for the forward/backward and reduces gradients in fp32.
+                self.train_model.float()
+            shard(self.train_model, compute_dtype)
 
     def sync_full(self) -> None:
         """Copy the trained weights into ``full_model`` (a collective: every rank must call it)."""
@@ -45,6 +50,14 @@ class PolicyHolder:
 
             full = get_model_state_dict(self.train_model, options=StateDictOptions(full_state_dict=True))
             self.full_model.load_state_dict(full)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained (sharded) model's whole state dict, at its precision (fp32 masters when the
+        policy is 16-bit), on the CPU of every rank (a collective: every rank must call it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.train_model, options=options)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Set both views of the policy to ``state`` (every rank passes the same full state dict)."""
@@ -73,17 +86,21 @@ class PolicyHolder:
         set_optimizer_state_dict(self.train_model, optimizer, state, options=options)
 
 
-def shard(model: torch.nn.Module) -> None:
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> None:
     """FSDP2-wrap ``model`` in place: one unit per decoder block (the classes transformers lists as
     ``_no_split_modules``), then the root. Gradients are summed over ranks, not averaged: the loss
-    is already normalized by the global batch."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    is already normalized by the global batch. Parameters stored in fp32 are computed with in
+    ``compute_dtype`` (FSDP's mixed precision), gradients reduced in fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    stored = next(model.parameters()).dtype
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    options = {"mp_policy": policy} if compute_dtype != stored else {}
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in block_names:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **options)
+    fully_shard(model, **options)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

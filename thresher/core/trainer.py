@@ -24,6 +24,7 @@ from thresher.core.distributed import Distributed
 from thresher.core.errors import ConfigError, ThresherError
 from thresher.core.faults import failpoint
 from thresher.core.sharding import is_sharded
+from thresher.core.training.precision import MasterWeights, wants_master_weights
 from thresher.core.types import Loss
 
 # Configs that change logits after the LM head; response-only projection would skip that step.
@@ -152,15 +153,34 @@ class Trainer:
         self.pad_id = pad_id
         self.device = device
         self.seed = seed
-        self.optimizer = build_adamw([p for p in model.parameters() if p.requires_grad], config)
+        dtype = next(model.parameters()).dtype
+        # A 16-bit policy is updated through fp32 masters (see training.precision); under FSDP the
+        # sharded copy is already fp32 (the holder's mixed-precision policy), so nothing is copied.
+        self.master = (
+            MasterWeights(model.named_parameters()) if wants_master_weights(config.master_weights, dtype) else None
+        )
+        self.params = self.master.params if self.master else [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_adamw(self.params, config)
         self.interrupt_check = interrupt_check
         self.dist = dist or Distributed()
         self.nonfinite_in_a_row = 0
         self.sharded = is_sharded(model)
 
     def reset_optimizer(self) -> None:
-        """Forget AdamW's moments (training restarts from the base model)."""
+        """Forget AdamW's moments and take the model's current weights as the masters (training
+        restarts from the base model, just loaded into it)."""
         self.optimizer.state.clear()
+        if self.master is not None:
+            self.master.copy_from_model()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The policy's state dict at training precision: fp32 masters where the model is 16-bit."""
+        return self.master.state_dict(self.model) if self.master is not None else self.model.state_dict()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the masters from a checkpoint's (fp32) weights; the model was loaded from it already."""
+        if self.master is not None:
+            self.master.load(state)
 
     def train_step(self, step: int, sequences: list[TrainSequence], abandonable: bool = True) -> dict[str, float]:
         """Update the policy on one global step's kept sequences (``step`` counts from 0)."""
@@ -203,6 +223,11 @@ class Trainer:
             "tokens_per_s_train": tokens / elapsed if elapsed > 0 else 0.0,
         }
 
+    def _zero_grad(self) -> None:
+        # The model's own (16-bit) gradients too: an error mid-backward can leave some behind.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+
     def _optimizer_batches(self, sequences: list[TrainSequence], step: int, epoch: int) -> list[list[TrainSequence]]:
         size = self.config.batch_size
         if size is None or size >= len(sequences):
@@ -217,7 +242,7 @@ class Trainer:
 
         A non-finite loss or gradient skips the step: the weights and AdamW's moments stay as they were.
         """
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         check = self.interrupt_check if abandonable else None
         # Under torchrun every rank holds the whole batch and works on every world_size-th sequence of
         # it (by length, so shards stay balanced); the loss keeps the whole batch's counts, and the
@@ -244,20 +269,22 @@ class Trainer:
                 filler=filler,
             )
         except BaseException:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             raise
         if not self.sharded:  # FSDP has reduce-scattered (summed) the gradients already
-            self.dist.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+            self.dist.sum_gradients(self.params)
         total = self.dist.sum(local)
         if abandonable:
             self.interrupt_check()
         failpoint("train", self.step_number)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if self.master is not None:
+                self.master.copy_to_model()
+        self._zero_grad()
         return total, grad_norm, sum(len(s.response_ids) for s in batch)
 
 

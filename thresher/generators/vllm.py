@@ -48,12 +48,15 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 
 from thresher.core.errors import ConfigError, GeneratorError
+from thresher.core.model import save_pretrained_as
+from thresher.core.training.lora import merged_state_dict
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
 
@@ -177,7 +180,8 @@ class VLLMGenerator:
     def _export_policy(self) -> str:
         """Write the policy and tokenizer once so vLLM can read the architecture and tokenizer."""
         self.owned_dir = tempfile.mkdtemp(prefix="thresher-vllm-")
-        self.policy.save_pretrained(self.owned_dir, safe_serialization=True)
+        # A LoRA policy is exported merged: the engine knows nothing of adapters.
+        save_pretrained_as(self.policy, Path(self.owned_dir), merged_state_dict(self.policy), self.dtype)
         self.tokenizer.save_pretrained(self.owned_dir)
         return self.owned_dir
 
@@ -274,7 +278,7 @@ class VLLMGenerator:
     def _push_weights(self) -> None:
         try:
             if self.config.weight_sync == "inplace":
-                weights = [(name, tensor.detach()) for name, tensor in self.policy.state_dict().items()]
+                weights = [(name, tensor.detach()) for name, tensor in merged_state_dict(self.policy).items()]
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             else:
                 directory = self._write_weights()
@@ -301,7 +305,8 @@ class VLLMGenerator:
 
         if self.owned_dir is None:
             self.owned_dir = tempfile.mkdtemp(prefix="thresher-vllm-")
-        state = {name: t.detach().to("cpu").clone().contiguous() for name, t in self.policy.state_dict().items()}
+        weights = merged_state_dict(self.policy)
+        state = {name: t.detach().to("cpu").clone().contiguous() for name, t in weights.items()}
         save_file(state, os.path.join(self.owned_dir, "model.safetensors"), metadata={"format": "pt"})
         return self.owned_dir
 

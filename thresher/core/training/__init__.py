@@ -1,0 +1,1 @@
+"""How the policy is trained: precision (fp32 master weights), LoRA adapters, the memory plan."""

@@ -1,0 +1,366 @@
+"""What makes a policy fit: activation checkpointing, and a memory plan computed before loading.
+
+The plan counts the model's parameters exactly by building it on PyTorch's ``meta`` device (no
+memory, no weights read; LoRA adapters are injected there too), then adds up what a run holds:
+
+- persistent: the weights (``model.dtype``), fp32 master weights of a 16-bit policy, AdamW's two
+  moments (fp32 with masters);
+- while training: the gradients (fp32 with masters, plus the largest 16-bit gradient in flight) and
+  the activations autograd keeps for one micro-batch of the longest sequences;
+- while generating (the ``hf`` generator): the KV cache of one decode batch, each prompt's KV stored
+  once for its N samples, and the sampling buffers.
+
+Activations per token and decoder layer, in bytes, for a Llama-style block run with SDPA attention
+(counted from the tensors autograd saves, ``torch.autograd.graph.saved_tensors_hooks``, on SmolLM2's
+shape in fp32 and bf16 — an exact match to this formula):
+``s·(2h + 4·q + 2·kv + 4·I) + 8h + 4·(heads + 2)`` with ``s`` the dtype's bytes, ``h`` the hidden
+size, ``q`` = heads × head_dim, ``kv`` = kv_heads × head_dim, ``I`` the MLP's intermediate size: the
+two RMSNorms keep their input in fp32 (8h), attention keeps q, k, v, its output and a log-sum-exp
+per head. With activation checkpointing a layer keeps only its input (``s·h``) and one layer's
+activations are rebuilt at a time (counted twice: they and their gradients). The response-only LM
+head keeps ``R·V`` fp32 log-softmax outputs for the ``R`` response tokens of the micro-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from thresher.core.config import OutputConfig, RunConfig
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MASTER_BYTES = 4  # fp32 master weights, gradients and AdamW moments
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations during the backward (transformers' gradient
+    checkpointing, non-reentrant: it needs no input that requires grad, so frozen embeddings under
+    LoRA work, and it composes with ``torch.no_grad`` generation, where it is inactive)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a cache is useless while training; generation passes use_cache itself
+
+
+def checkpoint_sizes(
+    model: torch.nn.Module, trained: list[torch.nn.Parameter], output: OutputConfig, lora: bool
+) -> tuple[int, int]:
+    """Bytes of one checkpoint (trained weights at training precision + AdamW's two moments) and of
+    ``final/`` (the trained weights, or with LoRA the adapters plus an optional merged model)."""
+    weights = sum(p.numel() * p.element_size() for p in trained)
+    final_each = BYTES[output.final_dtype]
+    final = sum(p.numel() for p in trained) * final_each
+    if lora and output.merge_lora:
+        final += sum(p.numel() for p in model.parameters() if not p.requires_grad) * final_each
+    return 3 * weights, final if output.save_final else 0
+
+
+# --- the model's shape ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts (exact) and the dimensions the activation estimate needs."""
+
+    parameters: int
+    trainable: int
+    adapters: int  # LoRA parameters (fp32); 0 without LoRA
+    largest: int  # elements of the largest trainable parameter
+    adapter_inputs: int  # per layer: summed input width of the adapted linears (LoRA casts these to fp32)
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+def model_shape(model_config: Any, lora: Any = None) -> ModelShape:
+    """Count parameters by building the model on the ``meta`` device (nothing is allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    adapter_inputs = 0
+    if lora is not None:
+        from thresher.core.training.lora import apply_lora, lora_layers
+
+        apply_lora(model, lora)
+        adapter_inputs = sum(m.in_features for m in lora_layers(model).values())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = int(text.num_attention_heads)
+    layers = int(text.num_hidden_layers)
+    return ModelShape(
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in trainable),
+        adapters=sum(p.numel() for p in trainable) if lora is not None else 0,
+        largest=max((p.numel() for p in trainable), default=0),
+        adapter_inputs=adapter_inputs // max(1, layers),
+        layers=layers,
+        hidden=int(text.hidden_size),
+        intermediate=int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
+        heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+        vocab=int(text.vocab_size),
+    )
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    name: str
+    bytes: int
+    detail: str
+    shrink: str = ""  # the setting that makes this item smaller
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    items: list[PlanItem]
+    training_peak: int
+    generation_peak: int
+    available: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(self.training_peak, self.generation_peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.peak <= self.available
+
+    def biggest(self) -> PlanItem:
+        return max((i for i in self.items if i.shrink), key=lambda i: i.bytes)
+
+    def render(self) -> str:
+        width = max(len("peak while generating"), *(len(i.name) for i in self.items))
+        lines = [f"memory plan on {self.device}:"]
+        for item in self.items:
+            lines.append(f"  {item.name:<{width}}  {format_bytes(item.bytes):>9}  {item.detail}")
+        lines.append(f"  {'peak while training':<{width}}  {format_bytes(self.training_peak):>9}")
+        lines.append(f"  {'peak while generating':<{width}}  {format_bytes(self.generation_peak):>9}")
+        if self.available is None:
+            lines.append(f"  {'available':<{width}}  {'unknown':>9}")
+        else:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
+            lines.append(f"  {'available':<{width}}  {format_bytes(self.available):>9}  {verdict}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        """One line: what does not fit, the biggest item and what shrinks it."""
+        big = self.biggest()
+        return (
+            f"memory plan: this run needs about {format_bytes(self.peak)} on {self.device} but "
+            f"{format_bytes(self.available or 0)} is available; the biggest item is {big.name} "
+            f"({format_bytes(big.bytes)}): {big.shrink} (see `thresher train CONFIG --dry-run`; "
+            "model.memory_check=false starts anyway)"
+        )
+
+
+def plan_memory(
+    config: RunConfig,
+    shape: ModelShape,
+    prompt_tokens: int,
+    device: torch.device,
+    runtime_bytes: int = 0,
+    available: int | None = None,
+    training: bool = True,
+    world_size: int = 1,
+) -> MemoryPlan:
+    """The bytes a run of ``config`` holds, by item; ``prompt_tokens`` is the longest prompt.
+    ``training=False`` (best-of-N data production) plans the weights and generation only."""
+    s = BYTES[config.model.dtype]
+    lora = config.model.lora is not None
+    half = config.model.dtype != "float32"
+    masters = half and config.optim.master_weights != "none" and not lora  # adapters are fp32 already
+    train_bytes = s if half and not masters and not lora else MASTER_BYTES
+    base = shape.parameters - shape.adapters
+    items = [
+        PlanItem(
+            "weights",
+            base * s + shape.adapters * MASTER_BYTES,
+            f"{_count(base)} × {s} B ({config.model.dtype})"
+            + (f" + {_count(shape.adapters)} adapters × 4 B" if lora else ""),
+            "a 16-bit model.dtype (bfloat16) halves it" if not half else "",
+        ),
+        PlanItem(
+            "master weights",
+            shape.trainable * MASTER_BYTES if masters else 0,
+            "fp32 copies of the 16-bit weights the optimizer updates" if masters else "none needed",
+            "model.lora trains adapters only",
+        ),
+    ]
+    shards = world_size if config.optim.strategy == "fsdp" and world_size > 1 else 1
+    shard_note = f" / {shards} ranks (FSDP)" if shards > 1 else ""
+    if shards > 1:  # FSDP trains a sharded copy at training precision, next to the full one
+        items[1] = PlanItem(
+            "master weights",
+            shape.trainable * train_bytes // shards,
+            f"the sharded training copy: {_count(shape.trainable)} × {train_bytes} B{shard_note}",
+            "more ranks",
+        )
+    grads = shape.trainable * train_bytes // shards + (shape.largest * s if masters and shards == 1 else 0)
+    items.append(
+        PlanItem(
+            "gradients",
+            grads,
+            f"{_count(shape.trainable)} × {train_bytes} B{shard_note}",
+            "model.lora trains adapters only",
+        )
+    )
+    items.append(
+        PlanItem(
+            "optimizer state",
+            2 * shape.trainable * train_bytes // shards,
+            f"AdamW's 2 moments × {_count(shape.trainable)} × {train_bytes} B{shard_note}",
+            "model.lora trains adapters only" if shards == 1 else "more ranks",
+        )
+    )
+    if training:
+        items.append(_activations(config, shape, prompt_tokens, s))
+    else:
+        items = [item if item.name == "weights" else PlanItem(item.name, 0, "not training") for item in items]
+        items.append(PlanItem("activations", 0, "not training"))
+    items.extend(_generation(config, shape, prompt_tokens, s))
+    if runtime_bytes:
+        items.append(PlanItem("runtime", runtime_bytes, "this process before loading (torch, transformers, data)"))
+    by_name = {i.name: i.bytes for i in items}
+    persistent = by_name["weights"] + by_name["master weights"] + by_name["optimizer state"] + runtime_bytes
+    training = persistent + by_name["gradients"] + by_name["activations"]
+    generation = persistent + by_name.get("generation KV cache", 0) + by_name.get("sampling buffers", 0)
+    notes = []
+    if config.generator.type != "hf":
+        notes.append(f"generation memory is the {config.generator.type} engine's own and is not counted")
+    return MemoryPlan(str(device), items, training, generation, available, notes)
+
+
+def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> PlanItem:
+    new_tokens = int(getattr(config.generator.config, "max_new_tokens", 0) or 0)
+    batch = config.optim.micro_batch_size
+    length = prompt_tokens + new_tokens
+    tokens = batch * length
+    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_layer = s * (2 * h + 4 * q + 2 * kv + 4 * shape.intermediate) + 8 * h + 4 * (shape.heads + 2)
+    if config.model.lora is not None and s != 4:
+        per_layer += 4 * shape.adapter_inputs  # peft casts each adapted linear's input to fp32
+    outside_layers = (s + 4) * h
+    head = batch * new_tokens * (shape.vocab * (8 + s) + h * s)  # log-softmax outputs and their gradient
+    checkpointing = config.optim.activation_checkpointing
+    # checkpointed: each layer keeps its input; one layer at a time is rebuilt, with its gradients
+    layers = tokens * (shape.layers * s * h + 2 * per_layer) if checkpointing else tokens * shape.layers * per_layer
+    total = layers + tokens * outside_layers + head
+    detail = f"{batch} sequences × {length} tokens, {shape.layers} layers"
+    detail += ", checkpointed" if checkpointing else ""
+    shrink = "optim.micro_batch_size (smaller) or data.max_prompt_tokens / generator.max_new_tokens"
+    if not checkpointing:
+        shrink = "optim.activation_checkpointing=true, or a smaller optim.micro_batch_size"
+    return PlanItem("activations", total, detail + " (one micro-batch)", shrink)
+
+
+def _generation(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> list[PlanItem]:
+    if config.generator.type != "hf":
+        return []
+    gen = config.generator.config
+    n = config.rs.num_rollouts_per_prompt
+    prompts = min(int(getattr(gen, "batch_size", 8)), config.rs.prompts_per_step)
+    new_tokens = int(getattr(gen, "max_new_tokens", 0) or 0)
+    shared = bool(getattr(gen, "shared_kv", True)) and bool(getattr(gen, "shared_prefill", True))
+    per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * s
+    cached = (
+        prompts * prompt_tokens + prompts * n * new_tokens if shared else prompts * n * (prompt_tokens + new_tokens)
+    )
+    rows = prompts * n
+    how = "each prompt's KV once" if shared else "the prompt's KV repeated per sample"
+    return [
+        PlanItem(
+            "generation KV cache",
+            per_token * cached,
+            f"{prompts} prompts × {prompt_tokens} + {rows} samples × {new_tokens} tokens ({how})",
+            "generator.batch_size (fewer prompts per decode batch) or generator.max_new_tokens",
+        ),
+        PlanItem(
+            "sampling buffers",
+            4 * rows * shape.vocab * 4,
+            f"{rows} rows × {shape.vocab} vocabulary: fp32 logits, noise and their temporaries",
+            "generator.batch_size (fewer prompts per decode batch)",
+        ),
+    ]
+
+
+def plan_run_memory(
+    config: RunConfig, model_config: Any, prompts: list[Any], device: torch.device, training: bool, world_size: int = 1
+) -> MemoryPlan:
+    """The plan of one process of a run: from the config, the model's config and the prompts only.
+
+    On the CPU the memory the OS reports available is shared by the ranks of this machine."""
+    shape = model_shape(model_config, config.model.lora)
+    longest = max((len(p.token_ids) for p in prompts), default=0)
+    available = available_memory(device)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if available is not None and device.type == "cpu" and local_ranks > 1:
+        available //= local_ranks
+    runtime = current_rss() if device.type == "cpu" else 0
+    return plan_memory(config, shape, longest, device, runtime, available, training, world_size)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory for this run: a CUDA device's free bytes, or on CPU the memory the OS reports
+    available plus what this process already holds (its runtime is an item of the plan)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+    except (OSError, ValueError, IndexError):
+        return None
+    return info.get("MemAvailable", 0) + current_rss()
+
+
+def peak_memory(device: torch.device) -> int:
+    """The most memory this run has held so far: the CUDA caching allocator's peak of allocated
+    bytes on a GPU; this process's peak resident set (VmHWM) on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open(f"/proc/{os.getpid()}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def current_rss() -> int:
+    """This process's resident memory now (bytes); 0 where /proc is not there."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
