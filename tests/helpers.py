@@ -30,3 +30,7 @@ def save_classifier(path, tokenizer, num_labels: int):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model
+
+
+# Metrics fields that measure the machine (durations, rates, memory), not what the run computed.
+MEASURED = ("time", "tokens_per_s", "memory_")

@@ -15,6 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import MEASURED
+
 TOLERANCE = 1e-5  # measured max weight difference, 1 vs 2 ranks: 8e-7 (float summation order)
 
 
@@ -80,8 +82,8 @@ def assert_same_metrics(got: list[dict], expected: list[dict]) -> None:
     """Same records; numbers within float-summation noise (losses, grad norms), all else identical."""
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
-        keys = {k for k in b if not k.startswith(("time", "tokens_per_s"))}
-        assert keys == {k for k in a if not k.startswith(("time", "tokens_per_s"))}
+        keys = {k for k in b if not k.startswith(MEASURED)}
+        assert keys == {k for k in a if not k.startswith(MEASURED)}
         for key in keys:
             if isinstance(b[key], float) and isinstance(a[key], float):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import MEASURED
 from thresher.core.config import load_config
 
 
@@ -181,7 +182,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, w
 
     def train_metrics(run):
         rows = [m for m in read_jsonl(tmp_path / run / "metrics.jsonl") if m["kind"] == "train"]
-        return [{k: v for k, v in m.items() if not k.startswith(("time", "tokens_per_s"))} for m in rows]
+        return [{k: v for k, v in m.items() if not k.startswith(MEASURED)} for m in rows]
 
     assert train_metrics("whole") == train_metrics("parted")
     for step in (3, 4):
@@ -235,7 +236,7 @@ def test_overlapped_scoring_changes_nothing_but_timing(tiny_config, write_config
         run = Path(tiny_config["output"]["dir"])
         metrics = [m for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"]
         runs[overlap] = (
-            [{k: v for k, v in m.items() if not k.startswith(("time", "tokens_per_s"))} for m in metrics],
+            [{k: v for k, v in m.items() if not k.startswith(MEASURED)} for m in metrics],
             [read_jsonl(run / "rollouts" / f"step_{s}.jsonl") for s in (1, 2, 3)],
         )
         assert all(("time_score_busy" in m) == overlap for m in metrics)

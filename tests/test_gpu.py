@@ -73,3 +73,83 @@ def test_tiny_preset_trains_on_cuda(tiny_config, write_config, cli):
     assert all(x["loss"] is None or x["loss"] == x["loss"] for x in train)  # finite or skipped
     rewards = [x["reward_mean"] for x in train]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1  # the CPU run gains ~0.4
+
+
+def _gqa(tiny_tokenizer, dtype=torch.float32):
+    from tests.test_static_decode import gqa_model
+
+    return gqa_model(tiny_tokenizer).to("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_graphs_give_the_eager_tokens(tiny_tokenizer, dtype):
+    """The captured graphs replay exactly the eager static step: same samples (with compaction into
+    smaller buckets as rows finish), same greedy answers."""
+    from tests.test_static_decode import finish_early, prompts
+
+    model = _gqa(tiny_tokenizer, dtype)
+    finish_early(model, tiny_tokenizer, "xyz")
+    context = PluginContext(tokenizer=tiny_tokenizer, policy=model, device=torch.device("cuda"))
+    runs = {}
+    for graphs in (True, False):
+        config = HFGenerator.Config(max_new_tokens=40, decode="static", cuda_graphs=graphs, batch_size=4)
+        gen = HFGenerator(config, context)
+        sampled = [(r.response_ids, r.finish_reason) for r in gen.generate(prompts(tiny_tokenizer), 8, seed=4)]
+        greedy = [r.response_ids for r in gen.generate(prompts(tiny_tokenizer), 1, seed=0, greedy=True)]
+        runs[graphs] = (sampled, greedy, gen.metrics()["compile_s"])
+    assert runs[True][:2] == runs[False][:2]
+    assert runs[True][2] > 0 and runs[False][2] == 0  # graphs were captured (and only with graphs on)
+    reasons = {reason for _, reason in runs[True][0]}
+    assert reasons == {"eos", "length"}  # rows finished at different steps: compaction happened
+
+
+def test_static_greedy_on_cuda_equals_generate(tiny_tokenizer):
+    from tests.test_static_decode import finish_early, prompts
+
+    model = _gqa(tiny_tokenizer)
+    finish_early(model, tiny_tokenizer, "aeiou ")
+    context = PluginContext(tokenizer=tiny_tokenizer, policy=model, device=torch.device("cuda"))
+    got = {
+        decode: [
+            r.response_ids
+            for r in HFGenerator(HFGenerator.Config(max_new_tokens=20, decode=decode), context).generate(
+                prompts(tiny_tokenizer), 1, seed=0, greedy=True
+            )
+        ]
+        for decode in ("static", "generate")
+    }
+    assert got["static"] == got["generate"]
+
+
+def test_bf16_master_weights_on_cuda_move_as_fp32(tiny_tokenizer):
+    from tests.test_loss import make_batch
+    from thresher.core.config import OptimConfig
+    from thresher.core.model import build_tiny_model
+    from thresher.core.trainer import Trainer
+    from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
+
+    deltas = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_tiny_model(tiny_tokenizer, seed=0).to(torch.bfloat16).to("cuda", dtype)
+        before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        loss = MaskedMeanLogprobLoss(MaskedMeanLogprobLoss.Config())
+        config = OptimConfig(lr=1e-5, micro_batch_size=2, grad_clip=None)
+        trainer = Trainer(model, loss, config, max_steps=3, pad_id=tiny_tokenizer.pad_token_id, device="cuda")
+        for step in range(3):
+            trainer.train_step(step, make_batch(tiny_tokenizer, seed=3))
+        deltas[dtype] = torch.cat([(trainer.weights()[n].float() - b).flatten() for n, b in before.items()])
+    reference = deltas[torch.float32]
+    assert float((deltas[torch.bfloat16] - reference).abs().mean() / reference.abs().mean()) < 0.1
+
+
+def test_a_bf16_lora_run_on_cuda_decodes_with_graphs_and_learns(tiny_config, write_config, cli):
+    tiny_config["model"].update(device="cuda", dtype="bfloat16", lora={"r": 8})
+    tiny_config["optim"]["lr"] = 3e-3
+    tiny_config["rs"].update(max_steps=3)
+    result = cli("train", write_config(tiny_config), "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = Path(tiny_config["output"]["dir"]) / "metrics.jsonl"
+    train = [x for x in map(json.loads, metrics.read_text().splitlines()) if x.get("kind") == "train"]
+    assert all(x["generator_decode_static"] == 1.0 for x in train)
+    assert train[0]["generator_compile_s"] > 0  # graphs captured once, in the first step
+    assert train[-1]["generator_compile_s"] == 0

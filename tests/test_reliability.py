@@ -16,6 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import MEASURED
+
 STEPS = 5
 
 
@@ -65,7 +67,7 @@ def comparable(run: Path) -> dict:
     """What must be identical between an interrupted-and-resumed run and an uninterrupted one."""
     train = [m for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"]
     return {
-        "metrics": [{k: v for k, v in m.items() if not k.startswith(("time", "tokens_per_s"))} for m in train],
+        "metrics": [{k: v for k, v in m.items() if not k.startswith(MEASURED)} for m in train],
         "rollouts": [read_jsonl(run / "rollouts" / f"step_{s}.jsonl") for s in range(1, STEPS + 1)],
     }
 

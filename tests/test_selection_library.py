@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import MEASURED
 from thresher.core.config import load_config
 from thresher.core.registry import build_registry
 from thresher.core.selection import distinct_n, duplicate_mask
@@ -298,6 +299,6 @@ def test_resume_with_a_pool_and_guardrails_matches_an_uninterrupted_run(tmp_path
         for extra in parts:
             assert cli("train", path, "-q", *extra).exit_code == 0
         metrics = [m for m in read_jsonl(tmp_path / name / "metrics.jsonl") if m["kind"] == "train"]
-        runs[name] = [{k: v for k, v in m.items() if not k.startswith(("time", "tokens_per_s"))} for m in metrics]
+        runs[name] = [{k: v for k, v in m.items() if not k.startswith(MEASURED)} for m in metrics]
     assert runs["whole"] == runs["parted"]
     assert [m["pool_size"] for m in runs["whole"]] == [4, 8, 12, 16]

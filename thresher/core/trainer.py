@@ -190,7 +190,7 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         start = time.perf_counter()
-        losses, norms, skipped, tokens = [], [], 0, 0
+        losses, norms, skipped, tokens, all_tokens = [], [], 0, 0, 0
         for epoch in range(self.config.epochs_per_step):
             for batch in self._optimizer_batches(sequences, step, epoch):
                 # An interrupt abandons the step only while the weights are still those of the last
@@ -198,6 +198,7 @@ class Trainer:
                 first = not losses and not skipped
                 loss, grad_norm, batch_tokens = self._update(batch, abandonable=abandonable and first)
                 tokens += batch_tokens
+                all_tokens += sum(len(s) for s in batch)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     losses.append(loss)
                     norms.append(grad_norm)
@@ -219,6 +220,7 @@ class Trainer:
             "updates": len(losses),
             "nonfinite_updates_skipped": skipped,
             "train_tokens": tokens,
+            "train_sequence_tokens": all_tokens,
             "time_train": elapsed,
             "tokens_per_s_train": tokens / elapsed if elapsed > 0 else 0.0,
         }

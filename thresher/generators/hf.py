@@ -19,9 +19,11 @@ import torch
 from pydantic import Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from thresher.core.errors import ConfigError
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 from thresher.generators.fast_decode import Sampling, decode, left_pad
 from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
+from thresher.generators.static_decode import DecoderShape, StaticDecoder, supports_static_decode
 
 
 class HFGenerator:
@@ -29,11 +31,14 @@ class HFGenerator:
 
     class Config(SamplingConfig):
         batch_size: int = Field(8, ge=1, description="Prompts per generate call (each repeated N times).")
-        decode: Literal["fast", "generate"] = Field(
-            "fast",
-            description="fast: Thresher's decode loop (each prompt prefilled once for its N samples, finished "
-            "rows leave the batch); generate: transformers' generate().",
+        decode: Literal["auto", "static", "fast", "generate"] = Field(
+            "auto",
+            description="static: preallocated KV cache, decode steps replayed as CUDA graphs on a GPU; fast: "
+            "Thresher's eager decode loop (each prompt prefilled once for its N samples, finished rows leave "
+            "the batch); generate: transformers' generate(); auto: static on CUDA (for the model types it "
+            "supports), fast elsewhere — the fastest measured on each device.",
         )
+        cuda_graphs: bool = Field(True, description="static decode on CUDA: replay captured graphs (false: eager).")
         shared_prefill: bool = Field(True, description="fast decode: prefill each prompt once for its N samples.")
         compaction: bool = Field(True, description="fast decode: drop finished rows from the decode batch.")
         shared_kv: bool = Field(
@@ -47,8 +52,10 @@ class HFGenerator:
         self.config = config
         self.device = context.device
         self.should_stop = context.should_stop
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer, config.ignore_eos)
         self.pad_id = self.tokenizer.pad_token_id
+        self.decoders: dict[tuple, StaticDecoder] = {}
+        self.compile_seconds = 0.0  # graph capture time not yet reported
 
     def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]:
         """Sample ``n`` responses for each prompt; rollouts come grouped by prompt, in order."""
@@ -74,9 +81,57 @@ class HFGenerator:
             self.model.train(was_training)
 
     def _generate_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
-        if self.config.decode == "fast":
+        mode = self.decode_mode()
+        if mode == "static":
+            return self._static_chunk(chunk, first_group, n, greedy)
+        if mode == "fast":
             return self._decode_chunk(chunk, first_group, n, greedy)
         return self._generate_chunk_hf(chunk, first_group, n, greedy)
+
+    def decode_mode(self) -> str:
+        """The decode path this generator uses: ``auto`` resolved for the device and model."""
+        mode = self.config.decode
+        if mode == "auto":
+            return "static" if self.device.type == "cuda" and supports_static_decode(self.model) else "fast"
+        if mode == "static" and not supports_static_decode(self.model):
+            model_type = getattr(self.model.config, "model_type", "?")
+            raise ConfigError(
+                [f"generator.decode: static decoding does not support model type {model_type!r}; use fast"]
+            )
+        return mode
+
+    def _static_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
+        """The static-shape decoder, built once per (N, sampling) and kept while the prompts fit."""
+        cfg = self.config
+        greedy = greedy or cfg.temperature == 0
+        top_k, top_p = (0, 1.0) if greedy else (cfg.top_k, cfg.top_p)
+        width = max(len(p.token_ids) for p in chunk)
+        key = (n, greedy, top_k, top_p, cfg.max_new_tokens)
+        decoder = self.decoders.get(key)
+        wanted = DecoderShape(max(cfg.batch_size, len(chunk)), n, width, cfg.max_new_tokens, greedy, top_k, top_p)
+        if decoder is None or not decoder.shape.fits(wanted):
+            # Room for longer prompts than this chunk's (rounded up), so a later step rarely rebuilds.
+            grown = max(width, decoder.shape.width if decoder else 0)
+            shape = DecoderShape(wanted.prompts, n, -(-grown // 64) * 64, cfg.max_new_tokens, greedy, top_k, top_p)
+            self.decoders.pop(key, None)
+            decoder = self.decoders[key] = StaticDecoder(
+                self.model,
+                shape,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+                suppress=[self.pad_id] if self.pad_id not in self.eos_ids else None,
+                use_graphs=cfg.cuda_graphs,
+                compaction=cfg.compaction,
+            )
+        before = decoder.capture_seconds
+        results = decoder.decode(
+            [p.token_ids for p in chunk],
+            cfg.temperature or 1.0,
+            seed=int(torch.randint(0, 2**62, (1,)).item()),
+            stop_check=self._stop_position if cfg.stop else None,
+        )
+        self.compile_seconds += decoder.capture_seconds - before
+        return self._rollouts(chunk, first_group, n, results)
 
     def _decode_chunk(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
         """Thresher's decode loop; its seed is drawn from torch's RNG, which ``generate_chunks`` seeded."""
@@ -98,6 +153,11 @@ class HFGenerator:
             compaction=cfg.compaction,
             shared_kv=cfg.shared_kv,
         )
+        return self._rollouts(chunk, first_group, n, results)
+
+    def _rollouts(
+        self, chunk: list[Prompt], first_group: int, n: int, results: list[tuple[list[int], str]]
+    ) -> list[Rollout]:
         rollouts = []
         for row, (ids, reason) in enumerate(results):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -132,9 +192,11 @@ class HFGenerator:
             "max_new_tokens": self.config.max_new_tokens,
             "do_sample": sampling,
             "pad_token_id": self.pad_id,
-            "eos_token_id": sorted(self.eos_ids),
+            "eos_token_id": sorted(self.eos_ids) or None,
             "stop_strings": self.config.stop or None,
         }
+        if self.config.ignore_eos:
+            params["min_new_tokens"] = self.config.max_new_tokens  # generate() would fall back to the model's EOS
         if self.pad_id not in self.eos_ids:
             # Padding is never a meaningful output; forbidding it also makes trailing pad ids in a
             # generated row unambiguous (they are padding, not tokens the model chose).
@@ -183,6 +245,11 @@ class HFGenerator:
             else:
                 low = mid + 1
         return low - 1
+
+    def metrics(self) -> dict[str, float]:
+        """Graph capture time paid since the last report (the first steps pay it, later ones 0)."""
+        spent, self.compile_seconds = self.compile_seconds, 0.0
+        return {"compile_s": spent, "decode_static": float(self.decode_mode() == "static")}
 
     def load_weights(self, policy: torch.nn.Module) -> None:
         """Sample from ``policy`` next: free when it is the module we already hold."""

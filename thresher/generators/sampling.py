@@ -21,6 +21,9 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     top_k: int = Field(0, ge=0, description="Sample from the k likeliest tokens (0: off).")
     stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the response).")
+    ignore_eos: bool = Field(
+        False, description="Never stop at EOS: every response is max_new_tokens long (benchmarks of fixed length)."
+    )
 
 
 def require_policy(context: Any, generator: str) -> tuple[torch.nn.Module, Any]:
@@ -30,10 +33,13 @@ def require_policy(context: Any, generator: str) -> tuple[torch.nn.Module, Any]:
     return context.policy, context.tokenizer
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any, ignore_eos: bool = False) -> set[int]:
     """Every token id that ends a response: the model's generation config may list several
-    (chat models often add an end-of-turn token) besides the tokenizer's own EOS."""
+    (chat models often add an end-of-turn token) besides the tokenizer's own EOS. None with
+    ``ignore_eos``."""
     ids: set[int] = set()
+    if ignore_eos:
+        return ids
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)

@@ -130,7 +130,7 @@ class VLLMGenerator:
         self.sleep_enabled = self.on_cuda if config.sleep is None else config.sleep
         if self.sleep_enabled and not self.on_cuda:
             raise ConfigError(["generator.sleep: vLLM's sleep mode needs a CUDA device (model.device is cpu)"])
-        self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.policy, self.tokenizer, config.ignore_eos)
         pad = self.tokenizer.pad_token_id
         self.suppress_pad = pad is not None and pad not in self.eos_ids
         self.dtype = DTYPE_NAMES.get(next(self.policy.parameters()).dtype, "float32")
@@ -241,7 +241,8 @@ class VLLMGenerator:
             seed=seed,
             stop=list(cfg.stop) or None,
             include_stop_str_in_output=True,
-            stop_token_ids=sorted(self.eos_ids),
+            stop_token_ids=sorted(self.eos_ids) or None,
+            ignore_eos=cfg.ignore_eos,
             # Padding is never a meaningful output (the hf generator suppresses it the same way).
             logit_bias={self.tokenizer.pad_token_id: -100.0} if self.suppress_pad else None,
         )
