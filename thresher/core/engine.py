@@ -195,8 +195,9 @@ class Engine:
             self.val_prompts = self.val_prompts[: cfg.rs.val_max_prompts]
         if self.skipped_long_prompts:
             self.reporter.info(f"skipped {self.skipped_long_prompts} training prompts longer than the limit")
+        generator_cls = self.registry.get("generator", cfg.generator.type)
         self.memory_plan = plan_run_memory(
-            cfg, model_config, self.train_prompts, self.device, training, self.dist.world_size
+            cfg, model_config, self.train_prompts, self.device, training, self.dist.world_size, generator_cls
         )
         return self.memory_plan
 

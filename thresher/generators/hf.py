@@ -20,9 +20,11 @@ from pydantic import Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from thresher.core.errors import ConfigError
+from thresher.core.training.memory import GenerationPlan, PlanItem
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 from thresher.generators.fast_decode import Sampling, decode, left_pad
 from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
+from thresher.generators.shared_prefix import SUPPORTED_MODEL_TYPES
 from thresher.generators.static_decode import DecoderShape, StaticDecoder, supports_static_decode
 
 
@@ -87,6 +89,57 @@ class HFGenerator:
         if mode == "fast":
             return self._decode_chunk(chunk, first_group, n, greedy)
         return self._generate_chunk_hf(chunk, first_group, n, greedy)
+
+    @classmethod
+    def memory_items(cls, config: Config, run: GenerationPlan) -> list[PlanItem]:
+        """The memory plan's generation items: the KV cache of one decode batch and the sampling
+        buffers. The static decoder keeps both between steps (its graphs point at them), so they are
+        held while training too; the eager loops free them."""
+        prompts = min(config.batch_size, run.prompts_per_step)
+        rows, new = prompts * run.n, config.max_new_tokens
+        shape = run.shape
+        per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * run.dtype_bytes
+        static = config.decode == "static" or (
+            config.decode == "auto" and run.device.type == "cuda" and run.model_type in SUPPORTED_MODEL_TYPES
+        )
+        shared = config.shared_prefill and (config.shared_kv or static)
+        shrink = "generator.batch_size (fewer prompts per decode batch) or generator.max_new_tokens"
+        if static:
+            width = -(-run.prompt_tokens // 64) * 64  # the decoder's buffers are rounded up
+            cached = prompts * width + rows * new
+            detail = f"{prompts} prompts × {width} + {rows} samples × {new} tokens, preallocated, kept between steps"
+            if run.validation:  # a second decoder (N = 1, greedy) for validation
+                cached += prompts * width + prompts * new
+                detail += ", + validation's"
+            return [
+                PlanItem(
+                    "generation KV cache", per_token * cached, detail, shrink + " (or generator.decode=fast)", True
+                ),
+                PlanItem(
+                    "sampling buffers",
+                    4 * rows * shape.vocab * 4,
+                    f"{rows} rows × {shape.vocab} vocabulary: logits, noise and temporaries, kept in the graphs' pool",
+                    "generator.batch_size (fewer prompts per decode batch)",
+                    True,
+                ),
+            ]
+        prompt = run.prompt_tokens
+        cached = prompts * prompt + rows * new if shared else rows * (prompt + new)
+        how = "each prompt's KV once" if shared else "the prompt's KV repeated per sample"
+        return [
+            PlanItem(
+                "generation KV cache",
+                per_token * cached,
+                f"{prompts} prompts × {prompt} + {rows} samples × {new} tokens ({how})",
+                shrink,
+            ),
+            PlanItem(
+                "sampling buffers",
+                4 * rows * shape.vocab * 4,
+                f"{rows} rows × {shape.vocab} vocabulary: fp32 logits, noise and their temporaries",
+                "generator.batch_size (fewer prompts per decode batch)",
+            ),
+        ]
 
     def decode_mode(self) -> str:
         """The decode path this generator uses: ``auto`` resolved for the device and model."""

@@ -131,7 +131,6 @@ class StaticDecoder:
         self.eos = torch.tensor(sorted(eos_ids), device=dev)
         self.suppress = torch.tensor(suppress or [], dtype=torch.long, device=dev)
         self.sampling = Sampling(shape.max_new_tokens, 1.0, shape.top_p, shape.top_k, shape.greedy)
-        self.generator: torch.Generator | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.capture_seconds = 0.0
@@ -204,7 +203,7 @@ class StaticDecoder:
         if self.shape.greedy:
             return logits.argmax(dim=-1)
         # Drawn for every row, whatever the batch holds, so a row's noise never depends on the others.
-        noise = torch.rand((self.rows, self.vocab), generator=self.generator, device=self.device)
+        noise = torch.rand((self.rows, self.vocab), device=self.device)
         gumbel = -torch.log(-torch.log(noise.index_select(0, rows).clamp_min(1e-20)))
         return (filter_logits(logits / self.temperature, self._unit_temperature) + gumbel).argmax(dim=-1)
 
@@ -226,13 +225,19 @@ class StaticDecoder:
 
         ``stop_check(tokens)`` returns the index of the token that completed a stop string, or None.
         """
+        # Noise comes from the device's default generator, seeded here (graphs can only replay draws
+        # from it), in a forked RNG state so the caller's is left as it was. Graphs and eager steps
+        # draw the same noise.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self._decode(prompts, temperature, stop_check)
+
+    def _decode(
+        self, prompts: list[tuple[int, ...]], temperature: float, stop_check: Callable[[list[int]], int | None] | None
+    ) -> list[tuple[list[int], str]]:
         n, shape = self.shape.n, self.shape
         live = len(prompts) * n
-        if self.device.type == "cuda" and self.use_graphs:
-            self.generator = None  # graphs draw from the device's default generator (graph-safe)
-            torch.cuda.manual_seed(seed)
-        else:
-            self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.temperature.fill_(temperature)
         self._prefill(prompts)
         done = [row >= live for row in range(self.rows)]

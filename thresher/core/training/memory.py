@@ -120,6 +120,21 @@ class PlanItem:
     bytes: int
     detail: str
     shrink: str = ""  # the setting that makes this item smaller
+    persistent: bool = False  # a generator's item held while training too (a static cache, say)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """What a generator's ``memory_items`` classmethod is told about the run."""
+
+    shape: ModelShape
+    model_type: str
+    prompt_tokens: int  # the longest prompt
+    prompts_per_step: int
+    n: int
+    dtype_bytes: int
+    device: torch.device
+    validation: bool  # validation prompts are generated too (N = 1, greedy)
 
 
 @dataclass
@@ -177,9 +192,11 @@ def plan_memory(
     available: int | None = None,
     training: bool = True,
     world_size: int = 1,
+    generator_items: list[PlanItem] | None = None,
 ) -> MemoryPlan:
     """The bytes a run of ``config`` holds, by item; ``prompt_tokens`` is the longest prompt.
-    ``training=False`` (best-of-N data production) plans the weights and generation only."""
+    ``training=False`` (best-of-N data production) plans the weights and generation only.
+    ``generator_items`` come from the generator plugin (``memory_items``); None: not counted."""
     s = BYTES[config.model.dtype]
     lora = config.model.lora is not None
     half = config.model.dtype != "float32"
@@ -232,16 +249,17 @@ def plan_memory(
     else:
         items = [item if item.name == "weights" else PlanItem(item.name, 0, "not training") for item in items]
         items.append(PlanItem("activations", 0, "not training"))
-    items.extend(_generation(config, shape, prompt_tokens, s))
+    items.extend(generator_items or [])
     if runtime_bytes:
         items.append(PlanItem("runtime", runtime_bytes, "this process before loading (torch, transformers, data)"))
     by_name = {i.name: i.bytes for i in items}
-    persistent = by_name["weights"] + by_name["master weights"] + by_name["optimizer state"] + runtime_bytes
+    held = sum(i.bytes for i in generator_items or [] if i.persistent)
+    persistent = by_name["weights"] + by_name["master weights"] + by_name["optimizer state"] + runtime_bytes + held
     training = persistent + by_name["gradients"] + by_name["activations"]
-    generation = persistent + by_name.get("generation KV cache", 0) + by_name.get("sampling buffers", 0)
+    generation = persistent + sum(i.bytes for i in generator_items or [] if not i.persistent)
     notes = []
-    if config.generator.type != "hf":
-        notes.append(f"generation memory is the {config.generator.type} engine's own and is not counted")
+    if generator_items is None:
+        notes.append(f"the {config.generator.type} generator's own memory is not counted (it plans none)")
     return MemoryPlan(str(device), items, training, generation, available, notes)
 
 
@@ -268,50 +286,41 @@ def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: in
     return PlanItem("activations", total, detail + " (one micro-batch)", shrink)
 
 
-def _generation(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> list[PlanItem]:
-    if config.generator.type != "hf":
-        return []
-    gen = config.generator.config
-    n = config.rs.num_rollouts_per_prompt
-    prompts = min(int(getattr(gen, "batch_size", 8)), config.rs.prompts_per_step)
-    new_tokens = int(getattr(gen, "max_new_tokens", 0) or 0)
-    shared = bool(getattr(gen, "shared_kv", True)) and bool(getattr(gen, "shared_prefill", True))
-    per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim * s
-    cached = (
-        prompts * prompt_tokens + prompts * n * new_tokens if shared else prompts * n * (prompt_tokens + new_tokens)
-    )
-    rows = prompts * n
-    how = "each prompt's KV once" if shared else "the prompt's KV repeated per sample"
-    return [
-        PlanItem(
-            "generation KV cache",
-            per_token * cached,
-            f"{prompts} prompts × {prompt_tokens} + {rows} samples × {new_tokens} tokens ({how})",
-            "generator.batch_size (fewer prompts per decode batch) or generator.max_new_tokens",
-        ),
-        PlanItem(
-            "sampling buffers",
-            4 * rows * shape.vocab * 4,
-            f"{rows} rows × {shape.vocab} vocabulary: fp32 logits, noise and their temporaries",
-            "generator.batch_size (fewer prompts per decode batch)",
-        ),
-    ]
-
-
 def plan_run_memory(
-    config: RunConfig, model_config: Any, prompts: list[Any], device: torch.device, training: bool, world_size: int = 1
+    config: RunConfig,
+    model_config: Any,
+    prompts: list[Any],
+    device: torch.device,
+    training: bool,
+    world_size: int = 1,
+    generator_cls: type | None = None,
 ) -> MemoryPlan:
     """The plan of one process of a run: from the config, the model's config and the prompts only.
+    The generator plugin's class plans its own memory (optional classmethod ``memory_items``).
 
     On the CPU the memory the OS reports available is shared by the ranks of this machine."""
     shape = model_shape(model_config, config.model.lora)
     longest = max((len(p.token_ids) for p in prompts), default=0)
+    generator_items = None
+    planner = getattr(generator_cls, "memory_items", None)
+    if planner is not None:
+        about = GenerationPlan(
+            shape=shape,
+            model_type=str(getattr(model_config, "model_type", "")),
+            prompt_tokens=longest,
+            prompts_per_step=config.rs.prompts_per_step,
+            n=config.rs.num_rollouts_per_prompt,
+            dtype_bytes=BYTES[config.model.dtype],
+            device=device,
+            validation=bool(config.data.validation),
+        )
+        generator_items = planner(config.generator.config, about)
     available = available_memory(device)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if available is not None and device.type == "cpu" and local_ranks > 1:
         available //= local_ranks
     runtime = current_rss() if device.type == "cpu" else 0
-    return plan_memory(config, shape, longest, device, runtime, available, training, world_size)
+    return plan_memory(config, shape, longest, device, runtime, available, training, world_size, generator_items)
 
 
 def available_memory(device: torch.device) -> int | None:
