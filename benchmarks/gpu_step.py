@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--decode", default=None, help="generator.decode (default: the generator's)")
+    parser.add_argument("--no-merge", action="store_true", help="LoRA: decode through the adapters, not merged weights")
     parser.add_argument("--tokenizer", default=None, help="a directory with SmolLM2's tokenizer files")
     args = parser.parse_args()
 
@@ -99,6 +100,8 @@ def main() -> None:
     generator = {"type": "hf", "max_new_tokens": args.tokens, "batch_size": args.prompts}
     if args.decode:
         generator["decode"] = args.decode
+    if args.no_merge:
+        generator["merge_lora"] = False
     raw = {
         "model": {"path": model_path, "dtype": dtype, "device": str(device)},
         "data": {"train": "builtin:addition_train", "chat_template": "auto"},

@@ -151,3 +151,34 @@ def test_auto_is_the_fast_eager_loop_on_cpu_and_static_needs_a_supported_model(t
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ConfigError, match="static decoding does not support model type 'gpt2'"):
         generator(gpt2, tiny_tokenizer, decode="static").decode_mode()
+
+
+def test_a_lora_policy_decodes_the_same_from_merged_weights(tiny_tokenizer):
+    """Trained adapters (B ≠ 0): greedy answers from the merged weights equal peft's unmerged
+    forward (transformers' generate() on the adapted model) token for token."""
+    from thresher.core.config import LoraOptions
+    from thresher.core.training.lora import apply_lora
+
+    model = gqa_model(tiny_tokenizer)
+    apply_lora(model, LoraOptions(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.05)
+    finish_early(model, tiny_tokenizer, "aeiou ")
+    got = {}
+    for label, options in {
+        "merged": {"decode": "static"},
+        "unmerged": {"decode": "static", "merge_lora": False},
+        "generate": {"decode": "generate"},
+    }.items():
+        gen = generator(model, tiny_tokenizer, max_new_tokens=20, batch_size=4, **options)
+        got[label] = outputs(gen.generate(prompts(tiny_tokenizer), 1, seed=0, greedy=True))
+        if label == "merged":
+            (decoder,) = gen.decoders.values()
+            assert len(decoder.merged) == 2 * 7  # every adapted linear of both layers
+    assert got["merged"] == got["unmerged"] == got["generate"]
+    base = gqa_model(tiny_tokenizer)
+    finish_early(base, tiny_tokenizer, "aeiou ")
+    plain = generator(base, tiny_tokenizer, max_new_tokens=20, batch_size=4, decode="static")
+    assert outputs(plain.generate(prompts(tiny_tokenizer), 1, seed=0, greedy=True)) != got["merged"]

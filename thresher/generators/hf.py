@@ -25,7 +25,12 @@ from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
 from thresher.generators.fast_decode import Sampling, decode, left_pad
 from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
 from thresher.generators.shared_prefix import SUPPORTED_MODEL_TYPES
-from thresher.generators.static_decode import DecoderShape, StaticDecoder, supports_static_decode
+from thresher.generators.static_decode import (
+    DecoderShape,
+    StaticDecoder,
+    merged_weight_buffers,
+    supports_static_decode,
+)
 
 
 class HFGenerator:
@@ -41,6 +46,11 @@ class HFGenerator:
             "supports), fast elsewhere — the fastest measured on each device.",
         )
         cuda_graphs: bool = Field(True, description="static decode on CUDA: replay captured graphs (false: eager).")
+        merge_lora: bool = Field(
+            True,
+            description="static decode of a LoRA policy: sample from merged copies of the adapted weights "
+            "(W + B·A·scale, refreshed every call; one more copy of them in memory) instead of the adapters.",
+        )
         shared_prefill: bool = Field(True, description="fast decode: prefill each prompt once for its N samples.")
         compaction: bool = Field(True, description="fast decode: drop finished rows from the decode batch.")
         shared_kv: bool = Field(
@@ -57,6 +67,7 @@ class HFGenerator:
         self.eos_ids = eos_token_ids(self.model, self.tokenizer, config.ignore_eos)
         self.pad_id = self.tokenizer.pad_token_id
         self.decoders: dict[tuple, StaticDecoder] = {}
+        self.merged: dict[torch.nn.Module, torch.Tensor] | None = None  # LoRA weights merged for decoding
         self.compile_seconds = 0.0  # graph capture time not yet reported
 
     def generate(self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False) -> list[Rollout]:
@@ -111,7 +122,19 @@ class HFGenerator:
             if run.validation:  # a second decoder (N = 1, greedy) for validation
                 cached += prompts * width + prompts * new
                 detail += ", + validation's"
+            merged = []
+            if config.merge_lora and shape.adapted_weights:
+                merged = [
+                    PlanItem(
+                        "merged LoRA weights",
+                        shape.adapted_weights * run.dtype_bytes,
+                        "static decode samples from merged copies of the adapted weights",
+                        "generator.merge_lora=false (slower decoding)",
+                        True,
+                    )
+                ]
             return [
+                *merged,
                 PlanItem(
                     "generation KV cache", per_token * cached, detail, shrink + " (or generator.decode=fast)", True
                 ),
@@ -175,6 +198,7 @@ class HFGenerator:
                 suppress=[self.pad_id] if self.pad_id not in self.eos_ids else None,
                 use_graphs=cfg.cuda_graphs,
                 compaction=cfg.compaction,
+                merged=self._merged_buffers() if cfg.merge_lora else None,
             )
         before = decoder.capture_seconds
         results = decoder.decode(
@@ -207,6 +231,11 @@ class HFGenerator:
             shared_kv=cfg.shared_kv,
         )
         return self._rollouts(chunk, first_group, n, results)
+
+    def _merged_buffers(self) -> dict[torch.nn.Module, torch.Tensor]:
+        if self.merged is None:
+            self.merged = merged_weight_buffers(self.model)
+        return self.merged
 
     def _rollouts(
         self, chunk: list[Prompt], first_group: int, n: int, results: list[tuple[list[int], str]]

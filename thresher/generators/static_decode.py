@@ -18,8 +18,10 @@ and replayed for ~the cost of its kernels:
   ``sync_every`` steps (stop strings are checked then too, and a response is cut where its stop
   string completed, exactly as a per-token check would cut it).
 
-The decode step calls the model's own modules (norms, projections, MLP — LoRA adapters included),
-its rotary embedding and its ``apply_rotary_pos_emb``; only attention is computed here. Supported:
+The decode step calls the model's own modules (norms, projections, MLP), its rotary embedding and
+its ``apply_rotary_pos_emb``; only attention is computed here. A LoRA-adapted linear decodes from a
+merged copy of its weight (``W + B·A·scale``, recomputed at the start of every call), not through
+peft's three matmuls. Supported:
 the model types of :func:`~thresher.generators.shared_prefix.supports_shared_prefix` (Llama,
 Mistral without a sliding window, Qwen2, Qwen3). The same code runs on the CPU without graphs, which
 is how CI tests it; graphs are captured per bucket once per decoder (once per run: the ``hf``
@@ -97,6 +99,7 @@ class StaticDecoder:
         use_graphs: bool,
         sync_every: int = 8,
         compaction: bool = True,
+        merged: dict[torch.nn.Module, torch.Tensor] | None = None,
     ):
         self.model, self.shape, self.pad_id = model, shape, pad_id
         self.device = next(model.parameters()).device
@@ -134,6 +137,9 @@ class StaticDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.capture_seconds = 0.0
+        # LoRA-adapted linears decode from a merged copy of their weight (refreshed every call): the
+        # unmerged adapter adds two small matmuls per linear, which cost more than the big one here.
+        self.merged = merged if merged is not None else {}
 
     # --- one decode step, over the first ``batch`` rows ------------------------------------------
 
@@ -151,22 +157,41 @@ class StaticDecoder:
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, 1, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(batch, 1, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(batch, 1, self.kv_heads, self.head_dim)
+            q = self._linear(attn.q_proj, x).view(batch, 1, self.heads, self.head_dim)
+            k = self._linear(attn.k_proj, x).view(batch, 1, self.kv_heads, self.head_dim)
+            v = self._linear(attn.v_proj, x).view(batch, 1, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (batch, heads, 1, dim)
             self.suffix_k[index][:batch].index_copy_(2, t.view(1), k)
             self.suffix_v[index][:batch].index_copy_(2, t.view(1), v.transpose(1, 2))
             out = self._attention(index, q, rows, batch, suffix_bias, attn.scaling)
-            hidden = hidden + attn.o_proj(out.reshape(batch, 1, self.heads * self.head_dim))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + self._linear(attn.o_proj, out.reshape(batch, 1, self.heads * self.head_dim))
+            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         logits = self.model.get_output_embeddings()(inner.norm(hidden)).view(batch, -1).float()
         chosen = self._sample(logits, rows)
         self.tokens.index_put_((rows, t + 1), chosen)
         self.finished.index_put_((rows,), self.finished.index_select(0, rows) | torch.isin(chosen, self.eos))
         self.step_index.add_(1)
+
+    def _linear(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The module, or for a LoRA-adapted one its merged weight (one matmul instead of three)."""
+        merged = self.merged.get(module)
+        if merged is None:
+            return module(x)
+        return torch.nn.functional.linear(x, merged, module.base_layer.bias)
+
+    def _mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged:
+            return mlp(x)
+        return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+
+    @torch.no_grad()
+    def refresh_merged(self) -> None:
+        """Recompute every merged weight from the current base weight and adapters (W + B·A·scale)."""
+        for module, merged in self.merged.items():
+            delta = module.get_delta_weight(module.active_adapters[0])
+            merged.copy_(module.base_layer.weight.float() + delta.float())
 
     def _attention(
         self, index: int, q: torch.Tensor, rows: torch.Tensor, batch: int, suffix_bias: torch.Tensor, scale: float
@@ -239,6 +264,7 @@ class StaticDecoder:
         n, shape = self.shape.n, self.shape
         live = len(prompts) * n
         self.temperature.fill_(temperature)
+        self.refresh_merged()
         self._prefill(prompts)
         done = [row >= live for row in range(self.rows)]
         cut: dict[int, int] = {}  # row → index of the token that completed a stop string
@@ -383,6 +409,17 @@ class StaticDecoder:
             else:
                 results.append((ids, "length"))
         return results
+
+
+def merged_weight_buffers(model: torch.nn.Module) -> dict[torch.nn.Module, torch.Tensor]:
+    """One buffer per LoRA-adapted linear of the decoder layers (peft ``lora.Linear``), for its merged
+    weight; empty for a model without adapters. Decoders of one generator share them."""
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return {}
+    adapted = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+    return {m: torch.empty_like(m.base_layer.weight) for m in adapted}
 
 
 def _per_row(per_prompt: torch.Tensor, n: int) -> torch.Tensor:

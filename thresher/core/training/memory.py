@@ -10,15 +10,15 @@ memory, no weights read; LoRA adapters are injected there too), then adds up wha
 - while generating (the ``hf`` generator): the KV cache of one decode batch, each prompt's KV stored
   once for its N samples, and the sampling buffers.
 
-Activations per token and decoder layer, in bytes, for a Llama-style block run with SDPA attention
-(counted from the tensors autograd saves, ``torch.autograd.graph.saved_tensors_hooks``, on SmolLM2's
-shape in fp32 and bf16 — an exact match to this formula):
-``s·(2h + 4·q + 2·kv + 4·I) + 8h + 4·(heads + 2)`` with ``s`` the dtype's bytes, ``h`` the hidden
-size, ``q`` = heads × head_dim, ``kv`` = kv_heads × head_dim, ``I`` the MLP's intermediate size: the
-two RMSNorms keep their input in fp32 (8h), attention keeps q, k, v, its output and a log-sum-exp
-per head. With activation checkpointing a layer keeps only its input (``s·h``) and one layer's
-activations are rebuilt at a time (counted twice: they and their gradients). The response-only LM
-head keeps ``R·V`` fp32 log-softmax outputs for the ``R`` response tokens of the micro-batch.
+Activations per token and decoder layer, in bytes, for a Llama-style block run with SDPA attention,
+counted from the tensors autograd saves (``torch.autograd.graph.saved_tensors_hooks``) and fitted
+exactly over 8 shapes: ``s·(4h + 2q + 2kv + 4I) + 8h + 4·heads + 8`` with ``s`` the dtype's bytes,
+``h`` the hidden size, ``q`` = heads × head_dim, ``kv`` = kv_heads × head_dim, ``I`` the MLP's
+intermediate size (the two RMSNorms keep their input in fp32: 8h; attention keeps q, k, v, its
+output and a log-sum-exp per head); LoRA changes it (:func:`layer_activation_bytes`). With
+activation checkpointing a layer keeps only its input (``s·h``) and the backward rebuilds one layer
+at a time. The response-only LM head keeps ``R·V`` fp32 log-softmax outputs for the ``R`` response
+tokens of the micro-batch.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class ModelShape:
     trainable: int
     adapters: int  # LoRA parameters (fp32); 0 without LoRA
     largest: int  # elements of the largest trainable parameter
-    adapter_inputs: int  # per layer: summed input width of the adapted linears (LoRA casts these to fp32)
+    adapted_per_layer: int  # LoRA: adapted linear modules per decoder layer
+    adapted_weights: int  # LoRA: elements of the adapted linears' (frozen) weights
     layers: int
     hidden: int
     intermediate: int
@@ -85,12 +86,14 @@ def model_shape(model_config: Any, lora: Any = None) -> ModelShape:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
-    adapter_inputs = 0
+    adapted, adapted_weights = 0, 0
     if lora is not None:
         from thresher.core.training.lora import apply_lora, lora_layers
 
         apply_lora(model, lora)
-        adapter_inputs = sum(m.in_features for m in lora_layers(model).values())
+        layers_found = lora_layers(model).values()
+        adapted = len(layers_found)
+        adapted_weights = sum(m.base_layer.weight.numel() for m in layers_found)
     trainable = [p for p in model.parameters() if p.requires_grad]
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = int(text.num_attention_heads)
@@ -100,7 +103,8 @@ def model_shape(model_config: Any, lora: Any = None) -> ModelShape:
         trainable=sum(p.numel() for p in trainable),
         adapters=sum(p.numel() for p in trainable) if lora is not None else 0,
         largest=max((p.numel() for p in trainable), default=0),
-        adapter_inputs=adapter_inputs // max(1, layers),
+        adapted_per_layer=adapted // max(1, layers),
+        adapted_weights=adapted_weights,
         layers=layers,
         hidden=int(text.hidden_size),
         intermediate=int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size),
@@ -268,16 +272,16 @@ def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: in
     batch = config.optim.micro_batch_size
     length = prompt_tokens + new_tokens
     tokens = batch * length
-    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_layer = s * (2 * h + 4 * q + 2 * kv + 4 * shape.intermediate) + 8 * h + 4 * (shape.heads + 2)
-    if config.model.lora is not None and s != 4:
-        per_layer += 4 * shape.adapter_inputs  # peft casts each adapted linear's input to fp32
-    outside_layers = (s + 4) * h
-    head = batch * new_tokens * (shape.vocab * (8 + s) + h * s)  # log-softmax outputs and their gradient
+    per_layer = layer_activation_bytes(shape, s, config.model.lora)
+    outside_layers = (s + 4) * shape.hidden
+    head = batch * new_tokens * (shape.vocab * (8 + s) + shape.hidden * s)  # log-softmax outputs and their gradient
     checkpointing = config.optim.activation_checkpointing
-    # checkpointed: each layer keeps its input; one layer at a time is rebuilt, with its gradients
-    layers = tokens * (shape.layers * s * h + 2 * per_layer) if checkpointing else tokens * shape.layers * per_layer
-    total = layers + tokens * outside_layers + head
+    if checkpointing:
+        # Each layer keeps its input; the backward rebuilds one layer at a time (its activations and
+        # their gradients) after the LM head's outputs are freed: the larger of the two is held.
+        total = tokens * (shape.layers * s * shape.hidden + outside_layers) + max(head, 2 * tokens * per_layer)
+    else:
+        total = tokens * (shape.layers * per_layer + outside_layers) + head
     detail = f"{batch} sequences × {length} tokens, {shape.layers} layers"
     detail += ", checkpointed" if checkpointing else ""
     shrink = "optim.micro_batch_size (smaller) or data.max_prompt_tokens / generator.max_new_tokens"
@@ -321,6 +325,25 @@ def plan_run_memory(
         available //= local_ranks
     runtime = current_rss() if device.type == "cpu" else 0
     return plan_memory(config, shape, longest, device, runtime, available, training, world_size, generator_items)
+
+
+def layer_activation_bytes(shape: ModelShape, s: int, lora: Any) -> int:
+    """Bytes autograd keeps per token and decoder layer (see the module docstring).
+
+    Full fine-tuning: ``s·(4h + 2q + 2kv + 4I) + 8h + 4·heads + 8``. Under LoRA a frozen linear
+    keeps no input, but each adapter keeps its input cast to fp32 and its rank-r output; fitted the
+    same way for ``all-linear`` targets: ``16h + 8q + 8kv + 16I`` (fp32) or ``28h + 8q + 4kv + 10I``
+    (16-bit), ``+ 4·heads + 8 + 4·r`` per adapted module (other targets are approximated by it).
+    Every coefficient was fitted with zero residual over 8 Llama shapes (h ≠ heads × head_dim)."""
+    h, q = shape.hidden, shape.heads * shape.head_dim
+    kv, inter = shape.kv_heads * shape.head_dim, shape.intermediate
+    common = 4 * shape.heads + 8
+    if lora is None:
+        return s * (4 * h + 2 * q + 2 * kv + 4 * inter) + 8 * h + common
+    adapters = 4 * lora.r * shape.adapted_per_layer
+    if s == 4:
+        return 16 * h + 8 * q + 8 * kv + 16 * inter + common + adapters
+    return 28 * h + 8 * q + 4 * kv + 10 * inter + common + adapters
 
 
 def available_memory(device: torch.device) -> int | None:
