@@ -51,8 +51,21 @@ def test_chat_messages_use_the_tokenizer_template(tmp_path, tiny_tokenizer):
         assert list(prompts[0].token_ids) == tokenizer(prompts[0].text, add_special_tokens=False)["input_ids"]
         never, _ = load_prompts(str(path), tokenizer, chat_template="never")
         assert never[1].text == "plain" and never[0].text == prompts[0].text
+        # OpenAI's list-of-text-parts content renders like the same text given as a string
+        parts = [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]
+        write_lines(
+            path, [json.dumps({"messages": [{"role": "system", "content": parts}, {"role": "user", "content": "Hi"}]})]
+        )
+        assert load_prompts(str(path), tokenizer)[0][0].text == prompts[0].text
     finally:
         tokenizer.chat_template = None
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, tiny_tokenizer):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "2+2?"}).encode() + b"\n")
+    prompts, _ = load_prompts(str(path), tiny_tokenizer, chat_template="never")
+    assert [p.text for p in prompts] == ["2+2?"]
 
 
 @pytest.mark.parametrize(

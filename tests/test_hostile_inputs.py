@@ -18,6 +18,8 @@ from thresher.core.errors import ConfigError, DataError
 
 from .helpers import save_classifier
 
+PRESETS_TINY = Path(__file__).resolve().parent.parent / "thresher" / "presets" / "tiny.yaml"
+
 
 def errors_of(result) -> list[str]:
     assert "Traceback" not in result.output
@@ -92,6 +94,49 @@ CASES = {
         2,
         "is not a reward model: it has 2 labels, expected 1",
     ),
+    "message content that is not text": (
+        lambda c, t: c["data"].update(train=prompts_file(t, b'{"messages": [{"role": "user", "content": 42}]}\n')),
+        2,
+        "train.jsonl:1: messages[0].content: must be a string or a list of text parts, got int",
+    ),
+    "message part that is not text": (
+        lambda c, t: c["data"].update(
+            train=prompts_file(t, b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}\n')
+        ),
+        2,
+        "train.jsonl:1: messages[0].content[0]: only text parts ({type: text, text: ...}) are supported, "
+        "got 'image_url'",
+    ),
+    "reward too large for a float": (
+        lambda c, t: c["scorer"].update(function=reward_file(t, "return [10**400] * len(responses)")),
+        3,
+        "scorer returned 2 non-finite reward(s) at step 1 (rollouts saved",
+    ),
+    "reward function calls sys.exit": (
+        lambda c, t: c["scorer"].update(function=reward_file(t, "import sys; sys.exit(0)")),
+        3,
+        "called sys.exit(0)",
+    ),
+    "a billion rollouts per prompt": (
+        lambda c, t: c["rs"].update(num_rollouts_per_prompt=1_000_000_000),
+        2,
+        "memory plan: this run needs about",
+    ),
+    "a billion prompts per step": (
+        lambda c, t: c["rs"].update(prompts_per_step=1_000_000_000),
+        2,
+        "the biggest item is rollouts",
+    ),
+    "max_new_tokens beyond the model's context": (
+        lambda c, t: c["generator"].update(max_new_tokens=1_000_000_000),
+        2,
+        "generator.max_new_tokens: 1000000000 leaves no room for a prompt in the model's context (512 tokens)",
+    ),
+    "reward module that cannot be imported": (
+        lambda c, t: c["scorer"].update(function="no_such_module_anywhere:reward"),
+        2,
+        "scorer.function: cannot import module 'no_such_module_anywhere'",
+    ),
     "output directory that cannot be written": (
         lambda c, t: (t.joinpath("a-file").write_text("x"), c["output"].update(dir=str(t / "a-file" / "run"))),
         4,
@@ -112,6 +157,10 @@ def test_hostile_input_gives_its_line_and_exit_code(case, tiny_config, write_con
     assert len(errors) == 1 and message in errors[0], errors
     run = Path(tiny_config["output"]["dir"])
     assert not list(run.glob("checkpoints/step_*")) and not (run / "final").exists()
+    if code == 3:  # a failing reward: what was generated is kept
+        assert len((run / "rollouts" / "step_1.jsonl").read_text().splitlines()) == 2
+    if code == 2:  # a config or data mistake stops the run before its first step
+        assert not (run / "metrics.jsonl").exists()
 
 
 def test_long_prompts_can_be_skipped_and_are_counted(tiny_config, write_config, cli, tmp_path):
@@ -226,3 +275,53 @@ def test_fuzz_config_text_either_parses_or_raises_config_error(tmp_path, registr
         resolve_config(read_config_file(path), registry)
     except ConfigError as err:
         assert err.problems
+
+
+def test_generate_into_a_directory_is_refused_before_any_generation(tmp_path):
+    import sys
+    import time
+
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "thresher", "generate", "tiny", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 4
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: --out {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'best_of_n.jsonl'}"
+    ]
+    assert "Traceback" not in result.stderr and time.time() - start < 30  # refused before the model loaded
+
+
+def test_greedy_sampling_with_several_rollouts_warns(tiny_config, write_config, cli):
+    tiny_config["generator"]["temperature"] = 0
+    tiny_config["rs"].update(max_steps=1)
+    result = cli("train", write_config(tiny_config))
+    assert result.exit_code == 0, result.output
+    assert "warning: generator.temperature=0 decodes greedily: the 4 responses of each prompt will be identical" in (
+        " ".join(result.output.split())
+    )
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path, cli):
+    result = cli("config", "validate", str(tmp_path))
+    assert result.exit_code == 2
+    assert errors_of(result) == [
+        f"config file {str(tmp_path)!r}: is a directory, not a config file (nor a Thresher run directory)"
+    ]
+
+
+def test_duplicate_keys_in_a_config_file_are_an_error(tmp_path, cli):
+    path = tmp_path / "dup.yaml"
+    path.write_text((PRESETS_TINY).read_text() + "rs: {max_steps: 3}\n")
+    result = cli("config", "validate", str(path))
+    assert result.exit_code == 2
+    (line,) = errors_of(result)
+    assert line.startswith(f"config file {str(path)!r}: duplicate key 'rs' at line ")
+
+
+def test_config_validate_imports_the_reward_function(tmp_path, cli):
+    result = cli("config", "validate", "tiny", "--set", "scorer.function=no_such_module_anywhere:reward")
+    assert result.exit_code == 2
+    (line,) = errors_of(result)
+    assert line.startswith("scorer.function: cannot import module 'no_such_module_anywhere'")

@@ -275,3 +275,38 @@ def test_serve_rm_binds_loopback_by_default(rule_server):
 def test_scorer_config_checks_the_url():
     with pytest.raises(Exception, match="expected grpc://HOST:PORT or http://HOST:PORT"):
         TritonScorer.Config(url="localhost:8001")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ctrl_c_while_scoring_a_slow_server_stops_within_two_seconds(tmp_path, tiny_config, write_config, protocol):
+    """The server takes 30 s per request from step 2 on; the scorer would wait (timeout 5 s) and retry
+    5 times. Ctrl-C must cut the wait: exit 130 within 2 s, step 1 checkpointed, resumable."""
+    marker = tmp_path / "scoring-step-2"
+    rule = write_rule(
+        tmp_path, f"    if CALLS[0] >= 2:\n        open({str(marker)!r}, 'w').close()\n        time.sleep(30)"
+    )
+    tiny_config["data"]["validation"] = None
+    tiny_config["rs"]["max_steps"] = 3
+    with serving(["--rule", rule]) as server:
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        tiny_config["scorer"] = {"type": "triton", "url": url, "timeout_s": 5, "max_retries": 5, "backoff_s": 1}
+        config = write_config(tiny_config)
+        train = subprocess.Popen(
+            [sys.executable, "-m", "thresher", "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert time.time() < deadline and train.poll() is None, train.stderr.read() if train.poll() else ""
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside the first request's wait
+        signalled = time.time()
+        train.send_signal(subprocess.signal.SIGINT)
+        _, stderr = train.communicate(timeout=120)
+        stopped_after = time.time() - signalled
+    assert train.returncode == 130, stderr
+    assert stopped_after < 2.0, stopped_after
+    assert "Traceback" not in stderr
+    run = Path(tiny_config["output"]["dir"])
+    assert (run / "checkpoints" / "step_1" / "state.json").is_file()
+    assert "stopped after step 1" in stderr and "--resume" in stderr

@@ -10,6 +10,6 @@ Third-party plugins import :data:`hookimpl` from here::
 """
 
 from thresher.core.hookspecs import hookimpl
+from thresher.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "hookimpl"]

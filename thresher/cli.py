@@ -150,6 +150,7 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
 
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)
+        check_output_file(out)  # before hours of generation, not after
         engine = Engine(run_config, registry, ConsoleReporter(err_console, quiet=quiet))
         try:
             engine.setup(training=False)
@@ -267,6 +268,21 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
     return app
 
 
+def check_output_file(out: Path) -> None:
+    """``--out`` must be a file we can create: not a directory, in a writable directory."""
+    from thresher.core.errors import OutputError
+
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a directory; give a file name, e.g. {out / 'best_of_n.jsonl'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot create {parent} ({err.strerror or err})") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {out}: {parent} is not writable")
+
+
 def run_torchrun(nproc: int, train_args: list[str]) -> int:
     """``torchrun --standalone --nproc-per-node N -m thresher train ...``; one line if it fails."""
     import subprocess
@@ -334,4 +350,23 @@ def main() -> None:
     except ThresherError as err:  # a broken plugin: report it, do not trace
         err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(err.exit_code)
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            exit_torchrun_rank(done.code)
+        raise
+
+
+def exit_torchrun_rank(code: object) -> None:
+    """End a torchrun rank without running C++ destructors at interpreter exit.
+
+    Everything is written and the process group destroyed by now, but gloo's threads can still be
+    torn down by static destructors racing with the interpreter's shutdown: one exit in ~6 under
+    CPU load died with SIGABRT ("terminate called without an active exception", no Python frame
+    left), which failed the whole job after a complete run. ``os._exit`` skips that phase.
+    """
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -7,7 +7,10 @@
 - ``optimizer.pt``: AdamW's state (tensors and numbers only, loaded with ``weights_only=True``);
 - ``rng.pt``: torch's CPU (and CUDA) generator states;
 - ``state.json``: the step, the data position (prompts consumed), Python's and NumPy's RNG states and
-  the config the run was started with.
+  the config the run was started with;
+- ``checksums.json``: the size and CRC-32 of each file above, written last: a checkpoint damaged
+  after it was written (a truncated file, flipped bytes) is recognised, reported in one line and
+  passed over for the previous one.
 
 The learning rate is a pure function of the step (``trainer.learning_rate``), so the step *is* the
 scheduler state. A checkpoint is written to a temporary directory, fsynced, then renamed into place:
@@ -23,6 +26,7 @@ import random
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from thresher.core.errors import ConfigError, OutputError, ThresherError
 from thresher.core.faults import failpoint
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKSUMS = "checksums.json"
 # A full disk surfaces as OSError from Python, SafetensorError from safetensors, RuntimeError from torch.save.
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
@@ -77,6 +82,8 @@ def save_checkpoint(
         torch.save(torch_rng_state(), tmp / "rng.pt")
         payload = {**state, "step": step, "rng": python_rng_state()}
         (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        sums = {path.name: file_checksum(path) for path in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
         for path in tmp.iterdir():
             _fsync(path)
         if final.exists():
@@ -130,6 +137,49 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: Path) -> Path | None:
     complete = complete_checkpoints(root)
     return max(complete)[1] if complete else None
+
+
+def file_checksum(path: Path) -> dict[str, int]:
+    """Size and CRC-32 of a file, read in 16 MB pieces (fast enough for a checkpoint of any size)."""
+    crc = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory (a missing, truncated or altered file), or None."""
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():  # written before checksums existed: only state.json can be checked
+        try:
+            json.loads((path / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"state.json is unreadable ({type(err).__name__})"
+        return None
+    try:
+        sums = json.loads(sums_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, expected in sums.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
+        if file_checksum(file)["crc32"] != expected["crc32"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_valid_checkpoint(root: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint whose files match their checksums; each damaged newer one is reported."""
+    for _, path in sorted(complete_checkpoints(root), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path.name} is damaged ({problem}); trying the one before it")
+    return None
 
 
 def load_checkpoint(

@@ -9,13 +9,23 @@ that plugin's own ``Config``. Every problem is collected and reported at once, o
 from __future__ import annotations
 
 import copy
+import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from thresher.core.errors import ConfigError
 from thresher.core.registry import KINDS, Registry
@@ -154,8 +164,12 @@ class DistributedConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = Field("runs/default", description="Run directory (config, metrics, rollouts, checkpoints).")
-    overwrite: bool = Field(False, description="Allow writing into a run directory that already has a run.")
+    dir: str = Field("runs/default", description="Run directory (config, metrics, rollouts, checkpoints); ~ expands.")
+    overwrite: bool = Field(
+        False,
+        description="Start afresh in a run directory that already holds a Thresher run, removing that run's "
+        "outputs (only the files Thresher writes). A preset overwrites only runs of the same preset.",
+    )
     save_final: bool = Field(True, description="Write final/ (an HF from_pretrained directory).")
     merge_lora: bool = Field(
         False, description="With model.lora: also write final/merged/, a plain HF model with the adapters merged in."
@@ -165,6 +179,13 @@ class OutputConfig(Section):
         description="dtype of final/'s weights: float32 keeps the master weights as trained; a 16-bit dtype "
         "halves the files.",
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _usable_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a directory (an empty path would write into the current directory)")
+        return os.path.expanduser(value)
 
 
 class GuardrailsConfig(Section):
@@ -216,6 +237,13 @@ class RunConfig(Section):
     validation_scorer: PluginSpec | None = None
     guardrails: GuardrailsConfig = GuardrailsConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # Where the config came from ("preset:tiny", "file:/abs/run.yaml", "" for data): a preset with
+    # output.overwrite may only replace runs of the same preset.
+    _origin: str = PrivateAttr("")
+
+    @property
+    def origin(self) -> str:
+        return self._origin
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -382,18 +410,15 @@ def preset_names() -> list[str]:
 def read_config_file(source: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML config file, or a preset by name (``demo``, ``tiny``)."""
     source = str(source)
-    path = Path(source)
-    if not path.exists() and "/" not in source and path.suffix == "" and source in preset_names():
-        path = PRESETS_DIR / f"{source}.yaml"
-    if not path.is_file():
-        hint = f" (presets: {', '.join(preset_names())})"
-        raise ConfigError([f"config file {source!r}: not found{hint}"])
+    path = _config_path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError([f"config file {source!r}: cannot read ({err})"]) from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.load(text, Loader=_UniqueKeyLoader)
+    except DuplicateKey as err:
+        raise ConfigError([f"config file {source!r}: {err}"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -408,6 +433,38 @@ def read_config_file(source: str | Path) -> dict[str, Any]:
     if "data" in data and isinstance(data["data"], dict):
         _anchor_data_paths(data["data"], path.parent)
     return data
+
+
+def _config_path(source: str) -> Path:
+    """The file a config argument names: a file, a preset, or a run directory's own config.yaml
+    (``thresher train runs/exp1 --resume``)."""
+    path = Path(source).expanduser()
+    if not path.exists() and "/" not in source and path.suffix == "" and source in preset_names():
+        return PRESETS_DIR / f"{source}.yaml"
+    if path.is_dir():
+        if (path / "config.yaml").is_file() and (path / ".thresher-run").is_file():
+            return path / "config.yaml"
+        raise ConfigError([f"config file {source!r}: is a directory, not a config file (nor a Thresher run directory)"])
+    if not path.is_file():
+        hint = f" (presets: {', '.join(preset_names())})"
+        raise ConfigError([f"config file {source!r}: not found{hint}"])
+    return path
+
+
+class DuplicateKey(yaml.YAMLError):
+    """The same key twice in one mapping: YAML would silently keep the last one."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise DuplicateKey(f"duplicate key {key!r} at line {mark.line + 1}, column {mark.column + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _anchor_data_paths(data: dict[str, Any], base: Path) -> None:
@@ -468,7 +525,17 @@ def _type_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def load_config(source: str | Path, overrides: list[str], registry: Registry) -> RunConfig:
     """File (or preset) + CLI overrides → validated :class:`RunConfig`."""
-    return resolve_config(apply_overrides(read_config_file(source), overrides), registry)
+    config = resolve_config(apply_overrides(read_config_file(source), overrides), registry)
+    config._origin = config_origin(source)
+    return config
+
+
+def config_origin(source: str | Path) -> str:
+    """``preset:NAME`` for a preset, else ``file:`` and the file's absolute path."""
+    path = _config_path(str(source))
+    if path.parent == PRESETS_DIR and str(source) == path.stem:
+        return f"preset:{path.stem}"
+    return f"file:{path.resolve()}"
 
 
 def dump_config(config: RunConfig) -> str:

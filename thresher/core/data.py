@@ -37,7 +37,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: prompt file not found")
     rows = []
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:  # a UTF-8 byte-order mark is allowed
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -112,12 +112,31 @@ def _prompt_text(row: dict[str, Any], field: str, where: str) -> tuple[str, bool
         messages = row["messages"]
         if not (isinstance(messages, list) and messages and all(_is_message(m) for m in messages)):
             raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+        for index, message in enumerate(messages):
+            message["content"] = _message_text(message["content"], f"{where}: messages[{index}].content")
         return "", True
     raise DataError(f"{where}: missing field {field!r} (or a 'messages' list)")
 
 
 def _is_message(message: Any) -> bool:
     return isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message
+
+
+def _message_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of text parts joined in order."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for position, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                got = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(
+                    f"{where}[{position}]: only text parts ({{type: text, text: ...}}) are supported, got {got!r}"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"{where}: must be a string or a list of text parts, got {type(content).__name__}")
 
 
 def _render_chat(tokenizer: Any, messages: list[dict[str, Any]], where: str) -> str:

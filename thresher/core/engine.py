@@ -18,11 +18,17 @@ from typing import Any
 import torch
 
 from thresher.core.build import instantiate
-from thresher.core.checkpoint import check_resume_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
+from thresher.core.checkpoint import (
+    check_resume_compatible,
+    checkpoint_problem,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from thresher.core.config import RunConfig, dump_config
 from thresher.core.data import PromptStream, load_prompts
 from thresher.core.distributed import Distributed, init_distributed
-from thresher.core.errors import ConfigError, OutputError, ScorerError, ThresherError
+from thresher.core.errors import ConfigError, OutputError, ScorerError, ScoringInterrupted, ThresherError
 from thresher.core.faults import failpoint
 from thresher.core.interrupt import Interrupts, StopRequested
 from thresher.core.metrics import ConsoleReporter, MetricsWriter, NullWriter
@@ -85,6 +91,7 @@ class Engine:
         self.history: list[dict[str, Any]] = []
         self.validation_history: list[dict[str, Any]] = []
         self.start_step = 0
+        self.resume_path: Path | None = None
         self.completed_step = 0
         self.checkpointed_step: int | None = None
         self.guardrails = Guardrails(config.guardrails)
@@ -117,9 +124,16 @@ class Engine:
         self.plan(training)
         if not self.memory_plan.fits and cfg.model.memory_check:
             raise ConfigError([self.memory_plan.refusal()])
-        if training and self.dist.is_main:
-            self.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, config_yaml=dump_config(cfg))
-            self.run_dir.write_atomic(self.run_dir.path / "memory_plan.txt", self.memory_plan.render() + "\n")
+        if training:
+            # Lock the directory, then check the resume point, and only then write anything: a refused
+            # resume leaves the run exactly as it was.
+            if self.dist.is_main:
+                self.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, origin=cfg.origin)
+            self.dist.barrier()
+            self.resume_path = self._resume_point(resume) if resume else None
+            if self.dist.is_main:
+                self.run_dir.write_config(dump_config(cfg))
+                self.run_dir.write_atomic(self.run_dir.path / "memory_plan.txt", self.memory_plan.render() + "\n")
         self.dist.barrier()
         self.reporter.phase(f"loading model {cfg.model.path}")
         t0 = time.perf_counter()
@@ -132,6 +146,12 @@ class Engine:
             enable_activation_checkpointing(self.model)
         if precision_warning:
             self.reporter.info(f"[yellow]warning:[/] {precision_warning}")
+        temperature = getattr(cfg.generator.config, "temperature", None)
+        if temperature == 0 and cfg.rs.num_rollouts_per_prompt > 1:
+            self.reporter.info(
+                f"[yellow]warning:[/] generator.temperature=0 decodes greedily: the {cfg.rs.num_rollouts_per_prompt} "
+                "responses of each prompt will be identical, leaving the selector nothing to choose from"
+            )
         if cfg.rs.restart_from_base:  # the base model every step restarts from (before any resume)
             self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -177,8 +197,8 @@ class Engine:
         if training and self.dist.is_main:
             sizes = checkpoint_sizes(self.model, self.trainer.params, cfg.output, lora=self.peft_model is not None)
             self.run_dir.check_space(*sizes)
-        if resume:
-            self._resume(resume)
+        if training and self.resume_path is not None:
+            self._resume(self.resume_path)
         self.reporter.done()
 
     def plan(self, training: bool = True) -> MemoryPlan:
@@ -220,13 +240,21 @@ class Engine:
             on_long_prompt=d.on_long_prompt,
         )
 
-    def _resume(self, resume: str | bool) -> None:
+    def _resume_point(self, resume: str | bool) -> Path:
+        """The checkpoint to resume from (the newest undamaged one for ``--resume``), checked against
+        this config and world size before anything is loaded or written."""
         checkpoints = self.run_dir.checkpoints
-        path = latest_checkpoint(checkpoints) if resume is True else Path(str(resume))
-        if path is None:
-            raise ThresherError(f"--resume: no checkpoint in {checkpoints}")
-        if not (path / "state.json").is_file():
-            raise ThresherError(f"--resume: {path} is not a checkpoint directory (no state.json)")
+        if resume is True:
+            path = latest_valid_checkpoint(checkpoints, lambda line: self.reporter.info(f"[yellow]warning:[/] {line}"))
+            if path is None:
+                raise ThresherError(f"--resume: no usable checkpoint in {checkpoints}")
+        else:
+            path = Path(str(resume))
+            if not (path / "state.json").is_file():
+                raise ThresherError(f"--resume: {path} is not a checkpoint directory (no state.json)")
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise ThresherError(f"--resume-from: checkpoint {path} is damaged ({problem})")
         saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
         check_resume_compatible(saved["config"], self.config.to_dict(), path)
         if int(saved.get("world_size", 1)) != self.dist.world_size:
@@ -236,6 +264,10 @@ class Engine:
                     f"number (now {self.dist.world_size})"
                 ]
             )
+        return path
+
+    def _resume(self, path: Path) -> None:
+        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
         load_checkpoint(
             path, self._load_weights, lambda state: self.holder.load_optimizer_state(self.trainer.optimizer, state)
         )
@@ -319,6 +351,10 @@ class Engine:
         cfg = self.config.rs
         if self.val_prompts and self.start_step == 0:
             self._validate(0, metrics)
+        elif self.val_prompts and self._validation_due(self.start_step) and not self._validated(self.start_step):
+            # Killed between the checkpoint and the validation of its step: validate it now, so the
+            # resumed metrics equal an uninterrupted run's (early stopping reads them).
+            self._validate(self.start_step, metrics)
         for step in range(self.start_step + 1, cfg.max_steps + 1):
             record = self.step(step)
             metrics.write(record)
@@ -330,8 +366,15 @@ class Engine:
             if (cfg.save_every and step % cfg.save_every == 0) or last or self.interrupts.requested:
                 self._checkpoint(step)
             self.interrupts.check(f"after step {step}")
-            if self.val_prompts and ((cfg.val_every and step % cfg.val_every == 0) or last):
+            if self.val_prompts and self._validation_due(step):
                 self._validate(step, metrics)
+
+    def _validation_due(self, step: int) -> bool:
+        every = self.config.rs.val_every
+        return bool(every and step % every == 0) or step == self.config.rs.max_steps
+
+    def _validated(self, step: int) -> bool:
+        return any(record.get("step") == step for record in self.validation_history)
 
     def _check_diversity(self, step: int, record: dict[str, Any]) -> None:
         reason = self.guardrails.after_step(record)
@@ -354,7 +397,7 @@ class Engine:
         return StopRequested(
             stop.signum,
             f"interrupted: stopped after step {step}, checkpoint {self.run_dir.checkpoints / f'step_{step}'}; "
-            "continue with `thresher train CONFIG --resume`",
+            f"continue with `thresher train {self.run_dir.path} --resume` (the run directory holds its config)",
         )
 
     def step(self, step: int) -> dict[str, Any]:
@@ -447,6 +490,9 @@ class Engine:
         rollouts, scores, timings = generate(prompts[low:high], n, step, label)
         try:
             flat = _as_rewards(torch.cat([s.flatten() for s in scores()]), len(rollouts))
+        except ScoringInterrupted:
+            self.interrupts.check(f"while scoring step {step}")  # the stop request: abandon the step
+            raise
         except ThresherError:
             self._write_rollouts(step, ScoredStep(rollouts, None, None, None))  # nothing generated is lost
             raise
@@ -609,6 +655,7 @@ class Engine:
             )
         self.dist.barrier()
         self.checkpointed_step = step
+        failpoint("checkpointed", step)
 
     def _write_rollouts(self, step: int, scored: ScoredStep) -> None:
         if not self.dist.is_main:
@@ -656,9 +703,10 @@ class Engine:
         return counts
 
     def close(self) -> None:
-        for plugin in (getattr(self, "generator", None), getattr(self, "scorer", None)):
+        for plugin in (getattr(self, name, None) for name in ("generator", "scorer", "validation_scorer")):
             if plugin is not None:
                 plugin.close()
+        self.run_dir.release()
         self.dist.close()
 
 
@@ -671,6 +719,13 @@ def prompt_token_limit(config: RunConfig, model_config: Any) -> tuple[int | None
     context = getattr(model_config, "max_position_embeddings", None)
     new_tokens = getattr(config.generator.config, "max_new_tokens", 0) or 0
     if isinstance(context, int):
+        if new_tokens >= context:
+            raise ConfigError(
+                [
+                    f"generator.max_new_tokens: {new_tokens} leaves no room for a prompt in the model's context "
+                    f"({context} tokens); use at most {context - 1}"
+                ]
+            )
         reason = f"the model's context ({context} tokens) minus generator.max_new_tokens={new_tokens}"
         limits.append((context - new_tokens, reason))
     return min(limits) if limits else (None, "")

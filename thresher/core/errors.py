@@ -41,6 +41,12 @@ class ScorerError(ThresherError):
     exit_code = 3
 
 
+class ScoringInterrupted(ThresherError):
+    """A scorer stopped early because the run was asked to stop (its ``should_stop`` said so)."""
+
+    exit_code = 130
+
+
 class OutputError(ThresherError):
     """The run directory cannot hold what the run must write (permissions, a full disk)."""
 

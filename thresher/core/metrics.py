@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class MetricsWriter:
             raise OutputError(f"cannot write {path} ({err.strerror or err})") from None
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line; every line carries the wall-clock ``time`` (Unix seconds) it was written."""
+        record = {**record, "time": record.get("time", time.time())}
         try:
             self._handle.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
             self._handle.flush()

@@ -20,21 +20,36 @@ import torch
 from thresher.core.checkpoint import WRITE_ERRORS
 from thresher.core.errors import ConfigError, OutputError
 from thresher.core.model import save_pretrained_as
+from thresher.version import __version__
 
-RUN_OUTPUTS = ("metrics.jsonl", "rollouts", "checkpoints", "final")
 SPACE_MARGIN = 1.1
+MARKER = ".thresher-run"  # JSON written into every run directory Thresher creates
+LOCK = ".thresher.lock"  # flock()ed by the process that owns the run (released when it exits)
+# What a run writes at the top of its directory; ``overwrite`` removes these and nothing else.
+OUTPUT_FILES = ("metrics.jsonl", "config.yaml", "memory_plan.txt")
+OUTPUT_DIRS = {"rollouts": "step_*.jsonl", "checkpoints": "step_*", "final": "*"}
 
 
 class RunDir:
+    """One run's directory: owned by one process at a time, recognised by its marker."""
+
     def __init__(self, path: Path):
         self.path = path
         self.metrics = path / "metrics.jsonl"
         self.rollouts = path / "rollouts"
         self.checkpoints = path / "checkpoints"
         self.final = path / "final"
+        self._lock_handle: Any = None
 
-    def prepare(self, *, resume: bool, overwrite: bool, config_yaml: str) -> None:
-        """Fail before any model loads if the directory is unusable or holds another run."""
+    def prepare(self, *, resume: bool, overwrite: bool, origin: str = "") -> None:
+        """Take the directory for this process, or fail before anything is written or loaded.
+
+        A fresh run needs an empty (or new) directory, or a Thresher run directory with
+        ``overwrite`` (then only Thresher's own outputs are removed); a preset (``origin``
+        ``preset:NAME``) overwrites only a run of the same preset. ``resume`` needs a Thresher run.
+        Nothing is written here but the lock, the marker and the (empty) rollouts folder: the
+        config is written by :meth:`write_config` once the resume check has passed.
+        """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -42,24 +57,113 @@ class RunDir:
             probe.unlink()
         except OSError as err:
             raise OutputError(f"output.dir {str(self.path)!r}: not writable ({err.strerror or err})") from None
-        if self.metrics.exists() and not resume and not overwrite:
+        self.lock()
+        kind = self.kind()
+        where = f"output.dir: {str(self.path)!r}"
+        if kind == "foreign":
             raise ConfigError(
-                [
-                    f"output.dir: {str(self.path)!r} already holds a run; use --resume, set "
-                    "output.overwrite=true, or choose another directory"
-                ]
+                [f"{where} is not empty and is not a Thresher run directory (no {MARKER}); choose a new or empty one"]
             )
-        if not resume:
-            # A fresh run replaces the previous run's outputs (only the names Thresher writes), so
-            # nothing stale — an old checkpoint, a later step's rollouts — can be mistaken for ours.
-            for name in RUN_OUTPUTS:
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
+        if resume:
+            if kind != "run":
+                raise ConfigError([f"--resume: {str(self.path)!r} holds no Thresher run to resume"])
+            return
+        if kind == "run" and self._has_outputs():
+            previous = self.marker().get("origin", "")
+            if not overwrite:
+                raise ConfigError(
+                    [
+                        f"{where} already holds a run; use --resume, set output.overwrite=true, or choose "
+                        "another directory"
+                    ]
+                )
+            if origin.startswith("preset:") and previous != origin:
+                made_by = previous.removeprefix("file:") or "an earlier Thresher"
+                raise ConfigError(
+                    [
+                        f"{where} holds a run made by {made_by}; the {origin.removeprefix('preset:')} preset "
+                        "overwrites only its own runs: choose another output.dir"
+                    ]
+                )
+            self._remove_outputs()
+        self.write_atomic(self.path / MARKER, json.dumps({"thresher": __version__, "origin": origin}) + "\n")
         self.guarded(lambda: self.rollouts.mkdir(exist_ok=True), "rollouts/")
+
+    def write_config(self, config_yaml: str) -> None:
         self.write_atomic(self.path / "config.yaml", config_yaml)
+
+    def lock(self) -> None:
+        """One process owns a run directory: an OS lock (flock), so a killed owner leaves none behind."""
+        import fcntl
+
+        if self._lock_handle is not None:
+            return
+        path = self.path / LOCK
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the process's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputError(
+                f"output.dir {str(self.path)!r} is in use by another Thresher process (PID {owner}); wait for it "
+                "to finish or stop it, or choose another output.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        """Give the directory up (the process keeps running: a Python session may start another run)."""
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # closing the descriptor releases the flock
+            self._lock_handle = None
+
+    def kind(self) -> str:
+        """``empty``, ``run`` (a Thresher run directory) or ``foreign`` (anything else, left alone)."""
+        names = {p.name for p in self.path.iterdir()} - {LOCK, ".write-test"}
+        if not names:
+            return "empty"
+        if MARKER in names:
+            return "run"
+        # Runs from before the marker: nothing but the names Thresher writes, and its config or metrics.
+        ours = set(OUTPUT_FILES) | set(OUTPUT_DIRS)
+        if names <= ours and names & {"metrics.jsonl", "config.yaml"}:
+            return "run"
+        return "foreign"
+
+    def marker(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _has_outputs(self) -> bool:
+        """Whether a run happened here (metrics or checkpoints), not merely started and failed."""
+        return self.metrics.exists() or any(self.checkpoints.glob("step_*"))
+
+    def _remove_outputs(self) -> None:
+        """Remove what a previous run wrote, by name, so nothing stale (an old checkpoint, a later
+        step's rollouts) can be mistaken for this run's; anything else in the directory stays."""
+
+        def remove() -> None:
+            for name in OUTPUT_FILES:
+                (self.path / name).unlink(missing_ok=True)
+            for name, pattern in OUTPUT_DIRS.items():
+                folder = self.path / name
+                if not folder.is_dir():
+                    continue
+                for child in [*folder.glob(pattern), *folder.glob(".tmp-*")]:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+            for stale in self.path.glob(".tmp-final*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+        self.guarded(remove, "")
 
     def check_space(self, checkpoint_bytes: int, final_bytes: int) -> None:
         """Refuse to start when the disk cannot take one checkpoint and the final model."""
@@ -101,6 +205,7 @@ class RunDir:
                 if self.final.exists():
                     shutil.rmtree(self.final)
                 os.replace(tmp, self.final)
+                _usual_permissions(self.final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -129,6 +234,7 @@ class RunDir:
                 if self.final.exists():
                     shutil.rmtree(self.final)
                 os.replace(tmp, self.final)
+                _usual_permissions(self.final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -151,6 +257,14 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
         self.write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
+
+
+def _usual_permissions(root: Path) -> None:
+    """``mkdtemp`` makes a 0700 directory: give what it became the permissions the umask asks for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _size(count: float) -> str:

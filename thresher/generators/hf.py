@@ -114,7 +114,9 @@ class HFGenerator:
             config.decode == "auto" and run.device.type == "cuda" and run.model_type in SUPPORTED_MODEL_TYPES
         )
         shared = config.shared_prefill and (config.shared_kv or static)
-        shrink = "generator.batch_size (fewer prompts per decode batch) or generator.max_new_tokens"
+        shrink = (
+            "rs.num_rollouts_per_prompt, generator.batch_size (prompts per decode batch) or generator.max_new_tokens"
+        )
         if static:
             width = -(-run.prompt_tokens // 64) * 64  # the decoder's buffers are rounded up
             cached = prompts * width + rows * new
@@ -142,7 +144,7 @@ class HFGenerator:
                     "sampling buffers",
                     4 * rows * shape.vocab * 4,
                     f"{rows} rows × {shape.vocab} vocabulary: logits, noise and temporaries, kept in the graphs' pool",
-                    "generator.batch_size (fewer prompts per decode batch)",
+                    "generator.batch_size (prompts per decode batch) or rs.num_rollouts_per_prompt",
                     True,
                 ),
             ]
@@ -160,7 +162,7 @@ class HFGenerator:
                 "sampling buffers",
                 4 * rows * shape.vocab * 4,
                 f"{rows} rows × {shape.vocab} vocabulary: fp32 logits, noise and their temporaries",
-                "generator.batch_size (fewer prompts per decode batch)",
+                "generator.batch_size (prompts per decode batch) or rs.num_rollouts_per_prompt",
             ),
         ]
 

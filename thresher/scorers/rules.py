@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import numbers
 import sys
 from collections.abc import Callable
@@ -48,6 +49,10 @@ class RuleScorer:
             module, _, attr = value.rpartition(":")
             if not module or not attr:
                 raise ValueError("expected module:function, e.g. my_rewards:exact_answer")
+            try:  # an import that fails is a config error, found when the config is checked
+                load_callable(value, "")
+            except ConfigError as err:
+                raise ValueError(err.problems[0].removeprefix(": ")) from None
             return value
 
     def __init__(self, config: Config, context: PluginContext | None = None):
@@ -70,6 +75,8 @@ class RuleScorer:
             result = self.function(**kwargs)
         except Exception as err:  # the user's code: report it as theirs, in one line
             raise ScorerError(f"{self.label} raised {type(err).__name__}: {err}") from err
+        except SystemExit as err:  # sys.exit() in a reward is a failing reward, not the end of the run
+            raise ScorerError(f"{self.label} called sys.exit({err.code!r})") from None
         return check_rewards(result, len(batch), self.label)
 
     def close(self) -> None:
@@ -112,7 +119,10 @@ def check_rewards(result: Any, expected: int, label: str) -> list[float]:
     for position, value in enumerate(result):
         if not isinstance(value, numbers.Real):  # bools are Real: True/False are 1/0 rewards
             raise ScorerError(f"{label} returned a non-number at position {position}: {value!r}")
-        rewards.append(float(value))
+        try:
+            rewards.append(float(value))
+        except OverflowError:  # an int beyond float's range: infinite, handled like any non-finite reward
+            rewards.append(math.inf if value > 0 else -math.inf)
     return rewards
 
 

@@ -21,22 +21,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from thresher.core.errors import ConfigError, ScorerError
+from thresher.core.errors import ConfigError, ScorerError, ScoringInterrupted
 from thresher.core.types import PluginContext, Rollout
 
 SENTENCES, TOKENS, LENGTHS = "sentences", "tokens", "sequence_lengths"
 PROMPTS, RESPONSES, EXTRA = "prompts", "responses", "extra"
 REWARDS = "rewards"
+STOP_POLL_S = 0.2  # how often a waiting score() looks for a stop request
 # gRPC codes (and HTTP statuses) worth retrying: the server is restarting, overloaded or slow.
 TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "502", "503", "504")
 
@@ -80,7 +81,9 @@ class TritonScorer:
         self._local = threading.local()
         self._clients: list[Any] = []  # every thread's client, closed by close()
         self._clients_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="triton-scorer")
+        self._pool = DaemonPool(config.concurrency, "triton-scorer")
+        self._abort = threading.Event()  # set on a stop request: no more retries, requests cut
+        self.should_stop = getattr(context, "should_stop", None) or (lambda: False)
         self.inputs = self._check_server()
         self.pad_id = getattr(getattr(context, "tokenizer", None), "pad_token_id", None) or 0
 
@@ -168,18 +171,36 @@ class TritonScorer:
     # --- scoring -------------------------------------------------------------------------------
 
     def score(self, rollouts: list[Rollout]) -> torch.Tensor:
+        """Rewards in order. A stop request (Ctrl-C) ends the wait within ~0.2 s: queued batches are
+        cancelled, retries stop, and open connections are closed to cut requests in flight."""
         size = self.max_batch_size
         batches = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
         futures = [self._pool.submit(self._score_batch, batch) for batch in batches]
+        while True:
+            _, pending = wait(futures, timeout=STOP_POLL_S)
+            if not pending:
+                break
+            if self.should_stop():
+                self._abort.set()
+                for future in pending:
+                    future.cancel()
+                # Closing cuts gRPC requests in flight; an HTTP client's close can block until its
+                # request ends, so it is closed off the caller's thread.
+                threading.Thread(target=self._close_clients, daemon=True).start()
+                raise ScoringInterrupted(f"Triton {self.config.url}: scoring stopped on request")
         results = [future.result() for future in futures]
         return torch.from_numpy(np.concatenate(results) if results else np.zeros(0, np.float32)).float()
 
     def _score_batch(self, batch: list[Rollout]) -> np.ndarray:
         attempts = self.config.max_retries + 1
         for attempt in range(attempts):
+            if self._abort.is_set():
+                raise ScoringInterrupted(f"Triton {self.config.url}: scoring stopped on request")
             try:
                 rewards = self._infer(batch)
             except Exception as err:
+                if self._abort.is_set():  # its connection was closed to stop it
+                    raise ScoringInterrupted(f"Triton {self.config.url}: scoring stopped on request") from None
                 message = _short(err)
                 if not _is_transient(err) or attempt == attempts - 1:
                     tried = f" after {attempt + 1} attempts" if attempt else ""
@@ -187,7 +208,7 @@ class TritonScorer:
                         f"Triton {self.config.url} model {self.config.model_name!r}: a batch of {len(batch)} "
                         f"failed{tried}: {message}"
                     ) from None
-                time.sleep(self.config.backoff_s * 2**attempt)
+                self._abort.wait(self.config.backoff_s * 2**attempt)  # wakes at once on a stop request
                 continue
             if rewards.shape != (len(batch),):
                 raise ScorerError(
@@ -235,12 +256,54 @@ class TritonScorer:
     def close(self) -> None:
         """Stop the request threads and close every connection (an open keep-alive connection makes a
         stopping Triton server wait for its exit timeout)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=not self._abort.is_set())
+        if not self._abort.is_set():  # after a stop request the clients are being closed already
+            self._close_clients()
+
+    def _close_clients(self) -> None:
         with self._clients_lock:
             for client in self._clients:
                 with contextlib.suppress(Exception):
                     client.close()
             self._clients.clear()
+
+
+class DaemonPool:
+    """A few request threads that never keep the process alive.
+
+    After a stop request, a request in flight may still be blocked reading its socket (the HTTP
+    client cannot be interrupted from another thread; the gRPC one is cut by closing it); the
+    process must exit without waiting for its timeout, which ``ThreadPoolExecutor``'s threads,
+    joined at exit, would make it do.
+    """
+
+    def __init__(self, workers: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, function: Any, *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, function, args))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, function, args = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                future.set_result(function(*args))
+            except BaseException as err:  # the caller gets it from future.result()
+                future.set_exception(err)
+
+    def shutdown(self, wait: bool = True) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 def contract_problems_and_inputs(metadata: dict[str, Any], name: str, preference: str) -> set[str]:

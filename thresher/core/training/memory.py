@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from thresher.core.config import OutputConfig, RunConfig
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ROLLOUT_BYTES_PER_TOKEN = 48  # a list slot and an int object per token id, the decoded text, the JSON record
+ROLLOUT_BYTES = 512
 MASTER_BYTES = 4  # fp32 master weights, gradients and AdamW moments
 
 
@@ -149,6 +151,8 @@ class MemoryPlan:
     generation_peak: int
     available: int | None
     notes: list[str] = field(default_factory=list)
+    host_needed: int = 0  # a GPU run's host memory for one step's rollouts
+    host_available: int | None = None
 
     @property
     def peak(self) -> int:
@@ -156,7 +160,15 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
+        return self._device_fits and self._host_fits
+
+    @property
+    def _device_fits(self) -> bool:
         return self.available is None or self.peak <= self.available
+
+    @property
+    def _host_fits(self) -> bool:
+        return self.host_available is None or self.host_needed <= self.host_available
 
     def biggest(self) -> PlanItem:
         return max((i for i in self.items if i.shrink), key=lambda i: i.bytes)
@@ -178,6 +190,12 @@ class MemoryPlan:
 
     def refusal(self) -> str:
         """One line: what does not fit, the biggest item and what shrinks it."""
+        if not self._host_fits:
+            return (
+                f"memory plan: one step's rollouts need about {format_bytes(self.host_needed)} of host memory but "
+                f"{format_bytes(self.host_available or 0)} is available: lower rs.prompts_per_step or "
+                "rs.num_rollouts_per_prompt (model.memory_check=false starts anyway)"
+            )
         big = self.biggest()
         return (
             f"memory plan: this run needs about {format_bytes(self.peak)} on {self.device} but "
@@ -197,6 +215,7 @@ def plan_memory(
     training: bool = True,
     world_size: int = 1,
     generator_items: list[PlanItem] | None = None,
+    host_available: int | None = None,
 ) -> MemoryPlan:
     """The bytes a run of ``config`` holds, by item; ``prompt_tokens`` is the longest prompt.
     ``training=False`` (best-of-N data production) plans the weights and generation only.
@@ -248,6 +267,9 @@ def plan_memory(
             "model.lora trains adapters only" if shards == 1 else "more ranks",
         )
     )
+    rollouts = _rollouts(config)
+    if device.type == "cpu":  # held through the step, in the same memory as everything else
+        items.append(rollouts)
     if training:
         items.append(_activations(config, shape, prompt_tokens, s))
     else:
@@ -257,14 +279,30 @@ def plan_memory(
     if runtime_bytes:
         items.append(PlanItem("runtime", runtime_bytes, "this process before loading (torch, transformers, data)"))
     by_name = {i.name: i.bytes for i in items}
-    held = sum(i.bytes for i in generator_items or [] if i.persistent)
+    held = sum(i.bytes for i in generator_items or [] if i.persistent) + by_name.get("rollouts", 0)
     persistent = by_name["weights"] + by_name["master weights"] + by_name["optimizer state"] + runtime_bytes + held
     training = persistent + by_name["gradients"] + by_name["activations"]
     generation = persistent + sum(i.bytes for i in generator_items or [] if not i.persistent)
     notes = []
     if generator_items is None:
         notes.append(f"the {config.generator.type} generator's own memory is not counted (it plans none)")
-    return MemoryPlan(str(device), items, training, generation, available, notes)
+    plan = MemoryPlan(str(device), items, training, generation, available, notes)
+    if device.type != "cpu":
+        plan.host_needed, plan.host_available = rollouts.bytes, host_available
+        plan.notes.append(f"host memory for one step's rollouts: {format_bytes(rollouts.bytes)}")
+    return plan
+
+
+def _rollouts(config: RunConfig) -> PlanItem:
+    """One step's rollouts in host memory: token ids as Python ints, the decoded text, the record."""
+    new_tokens = int(getattr(config.generator.config, "max_new_tokens", 0) or 0)
+    count = config.rs.prompts_per_step * config.rs.num_rollouts_per_prompt
+    return PlanItem(
+        "rollouts",
+        count * (new_tokens * ROLLOUT_BYTES_PER_TOKEN + ROLLOUT_BYTES),
+        f"{count} responses of one step (token ids, text, records)",
+        "rs.prompts_per_step or rs.num_rollouts_per_prompt",
+    )
 
 
 def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> PlanItem:
@@ -324,7 +362,8 @@ def plan_run_memory(
     if available is not None and device.type == "cpu" and local_ranks > 1:
         available //= local_ranks
     runtime = current_rss() if device.type == "cpu" else 0
-    return plan_memory(config, shape, longest, device, runtime, available, training, world_size, generator_items)
+    host = available_memory(torch.device("cpu")) if device.type != "cpu" else None
+    return plan_memory(config, shape, longest, device, runtime, available, training, world_size, generator_items, host)
 
 
 def layer_activation_bytes(shape: ModelShape, s: int, lora: Any) -> int:
