@@ -90,8 +90,8 @@ def main() -> None:
 
     from thresher.core.config import resolve_config
     from thresher.core.engine import Engine
-    from thresher.core.metrics import ConsoleReporter
     from thresher.core.registry import build_registry
+    from thresher.core.run.metrics import ConsoleReporter
 
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

@@ -41,9 +41,9 @@ import torch
 
 from thresher.core.config import load_config
 from thresher.core.engine import Engine
-from thresher.core.metrics import ConsoleReporter
 from thresher.core.registry import build_registry
-from thresher.core.trainer import TrainSequence, collate
+from thresher.core.run.metrics import ConsoleReporter
+from thresher.core.training.trainer import TrainSequence, collate
 from thresher.presets.rewards import addition_correct
 
 FILLER = (
@@ -339,7 +339,7 @@ def train_pass_only(args: argparse.Namespace, scratch: Path) -> dict:
     """One contender's training pass alone (the child of the memory measurement): load, train once."""
     from thresher.core.config import OptimConfig
     from thresher.core.model import load_policy
-    from thresher.core.trainer import Trainer
+    from thresher.core.training.trainer import Trainer
     from thresher.core.types import PluginContext
     from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 

@@ -25,9 +25,9 @@ import torch
 
 from thresher.core.config import load_config
 from thresher.core.engine import Engine
-from thresher.core.metrics import ConsoleReporter
 from thresher.core.model import build_tiny_tokenizer, load_policy, smollm2_cache_dir
 from thresher.core.registry import build_registry
+from thresher.core.run.metrics import ConsoleReporter
 from thresher.core.types import Prompt, Rollout
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.triton import TritonScorer

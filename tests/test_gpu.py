@@ -125,7 +125,7 @@ def test_bf16_master_weights_on_cuda_move_as_fp32(tiny_tokenizer):
     from tests.test_loss import make_batch
     from thresher.core.config import OptimConfig
     from thresher.core.model import build_tiny_model
-    from thresher.core.trainer import Trainer
+    from thresher.core.training.trainer import Trainer
     from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
     deltas = {}

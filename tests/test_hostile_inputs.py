@@ -202,7 +202,7 @@ def test_disk_filling_up_mid_run_is_a_clean_error(tiny_config, write_config, cli
     # let the start-up space check pass, then run out of space for real when the checkpoint is written
     import shutil
 
-    from thresher.core import rundir
+    from thresher.core.run import directory as rundir
 
     monkeypatch.setattr(rundir, "SPACE_MARGIN", 0.0)
     ballast = full_disk / "ballast"

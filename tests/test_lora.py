@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from tests.test_loss import make_batch
 from thresher.core.config import LoraOptions, OptimConfig
 from thresher.core.model import build_tiny_model
-from thresher.core.trainer import Trainer
 from thresher.core.training.lora import apply_lora, has_lora, merged_state_dict
+from thresher.core.training.trainer import Trainer
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
 pytest.importorskip("peft")
@@ -31,7 +31,7 @@ def test_at_step_0_the_adapted_policy_equals_the_base_model(tiny_tokenizer):
 
 
 def test_only_adapter_tensors_get_gradients_and_optimizer_state(tiny_tokenizer):
-    from thresher.core.trainer import accumulate_gradients
+    from thresher.core.training.trainer import accumulate_gradients
 
     model = adapted_tiny(tiny_tokenizer, r=4)
     adapters = {n for n, p in model.named_parameters() if p.requires_grad}

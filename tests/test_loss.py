@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thresher.core.trainer import TrainSequence, accumulate_gradients, collate, response_logprobs
+from thresher.core.training.trainer import TrainSequence, accumulate_gradients, collate, response_logprobs
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
 
@@ -120,7 +120,7 @@ def test_every_adamw_kernel_makes_the_same_update(tiny_tokenizer, impl):
     weights as torch's default foreach AdamW after three steps with weight decay and clipping."""
     from thresher.core.config import OptimConfig
     from thresher.core.model import build_tiny_model
-    from thresher.core.trainer import Trainer
+    from thresher.core.training.trainer import Trainer
 
     batch = make_batch(tiny_tokenizer, seed=2)
     weights = {}
@@ -146,6 +146,6 @@ def test_every_adamw_kernel_makes_the_same_update(tiny_tokenizer, impl):
 
 def test_auto_picks_the_fused_kernel_on_cpu(tiny_model):
     from thresher.core.config import OptimConfig
-    from thresher.core.trainer import build_adamw
+    from thresher.core.training.trainer import build_adamw
 
     assert build_adamw(list(tiny_model.parameters()), OptimConfig()).defaults["fused"] is True

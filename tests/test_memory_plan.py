@@ -17,8 +17,8 @@ import yaml
 from tests.test_loss import make_batch
 from thresher.core.config import LoraOptions, load_config
 from thresher.core.model import build_tiny_model, tiny_config
-from thresher.core.trainer import accumulate_gradients
 from thresher.core.training.memory import model_shape, plan_memory
+from thresher.core.training.trainer import accumulate_gradients
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
 ROOT = Path(__file__).resolve().parent.parent

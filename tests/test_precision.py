@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tests.test_loss import make_batch
 from thresher.core.config import OptimConfig
 from thresher.core.model import build_tiny_model
-from thresher.core.trainer import Trainer
+from thresher.core.training.trainer import Trainer
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
 

@@ -16,8 +16,8 @@ import thresher
 from thresher.core.config import load_config
 from thresher.core.engine import Engine
 from thresher.core.errors import PluginError
-from thresher.core.metrics import ConsoleReporter
 from thresher.core.registry import build_registry, get_plugin_manager
+from thresher.core.run.metrics import ConsoleReporter
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugin_hooks.md"
 

@@ -252,7 +252,7 @@ def test_restart_from_base_trains_the_base_model_on_everything_kept(tiny_config,
 
     from thresher.core.config import load_config as load
     from thresher.core.model import build_tiny_model, build_tiny_tokenizer
-    from thresher.core.trainer import Trainer, TrainSequence
+    from thresher.core.training.trainer import Trainer, TrainSequence
     from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
     tiny_config["rs"].update(max_steps=2, restart_from_base=True)

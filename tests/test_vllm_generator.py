@@ -14,7 +14,7 @@ import torch
 
 from thresher.core.errors import GeneratorError
 from thresher.core.model import build_tiny_model, build_tiny_tokenizer
-from thresher.core.trainer import Trainer, TrainSequence
+from thresher.core.training.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt
 from thresher.generators.vllm import VLLMGenerator, policy_logprobs
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss

@@ -110,7 +110,7 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
         from thresher.core.config import load_config
         from thresher.core.engine import Engine
-        from thresher.core.metrics import ConsoleReporter
+        from thresher.core.run.metrics import ConsoleReporter
 
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)  # fail here, once, not in every rank
@@ -146,7 +146,7 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         """Best-of-N data production: generate, score and select for each training prompt; no training."""
         from thresher.core.config import load_config
         from thresher.core.engine import Engine
-        from thresher.core.metrics import ConsoleReporter
+        from thresher.core.run.metrics import ConsoleReporter
 
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)

@@ -18,27 +18,25 @@ from typing import Any
 import torch
 
 from thresher.core.build import instantiate
-from thresher.core.checkpoint import (
+from thresher.core.config import RunConfig, dump_config
+from thresher.core.data import PromptStream, load_prompts
+from thresher.core.errors import ConfigError, OutputError, ScorerError, ScoringInterrupted, ThresherError
+from thresher.core.faults import failpoint
+from thresher.core.interrupt import Interrupts, StopRequested
+from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
+from thresher.core.registry import Registry
+from thresher.core.run.checkpoint import (
     check_resume_compatible,
     checkpoint_problem,
     latest_valid_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from thresher.core.config import RunConfig, dump_config
-from thresher.core.data import PromptStream, load_prompts
-from thresher.core.distributed import Distributed, init_distributed
-from thresher.core.errors import ConfigError, OutputError, ScorerError, ScoringInterrupted, ThresherError
-from thresher.core.faults import failpoint
-from thresher.core.interrupt import Interrupts, StopRequested
-from thresher.core.metrics import ConsoleReporter, MetricsWriter, NullWriter
-from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
-from thresher.core.records import rollout_record, step_statistics
-from thresher.core.registry import Registry
-from thresher.core.rundir import RunDir
+from thresher.core.run.directory import RunDir
+from thresher.core.run.metrics import ConsoleReporter, MetricsWriter, NullWriter
+from thresher.core.run.records import rollout_record, step_statistics
 from thresher.core.selection import BestPool, Guardrails, diversity, duplicate_mask
-from thresher.core.sharding import PolicyHolder
-from thresher.core.trainer import Trainer, TrainSequence
+from thresher.core.training.distributed import Distributed, init_distributed
 from thresher.core.training.lora import apply_lora, load_adapters, merged_state_dict
 from thresher.core.training.memory import (
     MemoryPlan,
@@ -49,6 +47,8 @@ from thresher.core.training.memory import (
     plan_run_memory,
 )
 from thresher.core.training.precision import check_trainable_precision, wants_master_weights
+from thresher.core.training.sharding import PolicyHolder
+from thresher.core.training.trainer import Trainer, TrainSequence
 from thresher.core.types import PluginContext, Prompt, Rollout
 
 VALIDATION_SEED_OFFSET = 7_919

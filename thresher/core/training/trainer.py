@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from thresher.core.config import OptimConfig
-from thresher.core.distributed import Distributed
 from thresher.core.errors import ConfigError, ThresherError
 from thresher.core.faults import failpoint
-from thresher.core.sharding import is_sharded
+from thresher.core.training.distributed import Distributed
 from thresher.core.training.precision import MasterWeights, wants_master_weights
+from thresher.core.training.sharding import is_sharded
 from thresher.core.types import Loss
 
 # Configs that change logits after the LM head; response-only projection would skip that step.

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from thresher.core.checkpoint import WRITE_ERRORS
 from thresher.core.errors import ConfigError, OutputError
 from thresher.core.model import save_pretrained_as
+from thresher.core.run.checkpoint import WRITE_ERRORS
 from thresher.version import __version__
 
 SPACE_MARGIN = 1.1

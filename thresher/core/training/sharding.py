@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from thresher.core.distributed import Distributed
+from thresher.core.training.distributed import Distributed
 
 Strategy = Literal["ddp", "fsdp"]
 

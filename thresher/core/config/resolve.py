@@ -1,0 +1,146 @@
+"""Validating raw config data: every plugin section by its plugin's own ``Config``, every problem
+collected and reported at once, one ``dotted.path: reason`` line each, so a user fixes a file in one
+pass."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+from thresher.core.config.schema import SELECTOR_OPTIONS, PluginSpec, RunConfig
+from thresher.core.errors import ConfigError
+from thresher.core.registry import KINDS, Registry
+
+PLUGIN_DEFAULTS: dict[str, str | None] = {
+    "generator": "hf",
+    "scorer": None,  # no sensible default reward: a config must say what is being optimised
+    "selector": "topk",
+    "loss": "masked_mean_logprob",
+}
+
+
+def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
+    """Validate raw config data into a :class:`RunConfig`, reporting every problem at once."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: expected a mapping of sections, got {type(raw).__name__}"])
+    raw = copy.deepcopy(raw)
+    problems: list[str] = []
+    for kind in KINDS:
+        section = raw.get(kind)
+        if section is None and PLUGIN_DEFAULTS[kind] is not None:
+            section = {"type": PLUGIN_DEFAULTS[kind]}
+        if section is None:
+            problems.append(f"{kind}: section is required (choose one of: {', '.join(registry.names(kind))})")
+            raw.pop(kind, None)
+            continue
+        spec = _resolve_plugin_section(kind, section, registry, problems)
+        if spec is None:
+            raw.pop(kind, None)
+        else:
+            raw[kind] = spec
+    if raw.get("validation_scorer") is not None:  # optional: a held-out scorer for validation only
+        spec = _resolve_plugin_section("scorer", raw["validation_scorer"], registry, problems, "validation_scorer")
+        raw["validation_scorer"] = spec
+        if spec is None:
+            raw.pop("validation_scorer")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(_format_errors(err, skip_missing={*KINDS, "validation_scorer"}))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def resolve_plugin_section(kind: str, section: Any, registry: Registry, where: str | None = None) -> PluginSpec:
+    """Validate one plugin section (``{type: NAME, **options}``); raises :class:`ConfigError`.
+
+    ``where`` is the dotted path used in messages (``selector.stages[1]`` for a nested section).
+    """
+    problems: list[str] = []
+    spec = _resolve_plugin_section(kind, section, registry, problems, where or kind)
+    if spec is None:
+        raise ConfigError(problems)
+    return spec
+
+
+def _resolve_plugin_section(
+    kind: str, section: Any, registry: Registry, problems: list[str], where: str | None = None
+) -> PluginSpec | None:
+    where = where or kind
+    if not isinstance(section, dict):
+        problems.append(f"{where}: expected a mapping with a `type` key, got {type(section).__name__}")
+        return None
+    params = dict(section)
+    name = params.pop("type", None)
+    if not isinstance(name, str):
+        problems.append(f"{where}.type: required (choose one of: {', '.join(registry.names(kind))})")
+        return None
+    if name not in registry.plugins[kind]:
+        problems.append(f"{where}.type: {registry.unknown_message(kind, name)}")
+        return None
+    options = _framework_options(kind, params, where, problems)
+    try:
+        # The registry travels in the validation context, so sections nested in a plugin's config
+        # (a chain's stages) are resolved, and reported, like top-level ones.
+        context = {"registry": registry, "where": where}
+        plugin_config = registry.get(kind, name).Config.model_validate(params, context=context)
+    except ValidationError as err:
+        problems.extend(f"{where}.{line}" for line in _format_errors(err))
+        return None
+    except ConfigError as err:  # raised by a nested section's own resolution
+        problems.extend(err.problems)
+        return None
+    if options is None:
+        return None
+    return PluginSpec(type=name, config=plugin_config, options=options)
+
+
+def _framework_options(kind: str, params: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any] | None:
+    """Pop the options Thresher applies around any plugin of ``kind`` (today: a selector's dedup)."""
+    if kind != "selector":
+        return {}
+    options: dict[str, Any] = {}
+    ok = True
+    for key, allowed in SELECTOR_OPTIONS.items():
+        if key in params:
+            value = params.pop(key)
+            if value not in allowed:
+                problems.append(f"{where}.{key}: expected one of {', '.join(allowed)} (got {value!r})")
+                ok = False
+            elif value != allowed[0]:
+                options[key] = value
+    return options if ok else None
+
+
+def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = e["loc"]
+        if e["type"] == "missing" and len(loc) == 1 and loc[0] in skip_missing:
+            continue  # already reported by the plugin-section pass
+        path = ".".join(_loc_part(p) for p in loc) or "config"
+        message = e["msg"]
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif e["type"].startswith("value_error"):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" + (f" (got {e['input']!r})" if _show_input(e) else ""))
+    return lines
+
+
+def _loc_part(part: object) -> str:
+    # Plain names print as they are; anything else (spaces, newlines, empty) as a quoted literal, so
+    # every problem stays on one readable line.
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_\-\[\]]+", text) else repr(text)
+
+
+def _show_input(error: dict[str, Any]) -> bool:
+    return error["type"] not in {"missing", "extra_forbidden"} and isinstance(
+        error.get("input"), (str, int, float, bool, type(None))
+    )

