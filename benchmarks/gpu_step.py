@@ -88,10 +88,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="a directory with SmolLM2's tokenizer files")
     args = parser.parse_args()
 
-    from thresher.core.config import resolve_config
-    from thresher.core.engine import Engine
-    from thresher.core.registry import build_registry
-    from thresher.core.run.metrics import ConsoleReporter
+    from thresher.core.runner import Run
 
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -115,13 +112,13 @@ def main() -> None:
     if args.lora:
         raw["model"]["lora"] = {"r": 16}
     peak, peak_label = matmul_peak(device)
-    engine = Engine(resolve_config(raw, build_registry()), build_registry(), ConsoleReporter(quiet=True))
+    run = Run.from_config(raw, quiet=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    engine.setup(training=True)
+    run.setup(training=True)
     setup_s = time.perf_counter() - t0
-    model = engine.model
+    model = run.model
     params = sum(p.numel() for p in model.parameters())
     print(
         f"shape {args.shape}: {params / 1e6:.0f}M parameters, {dtype}, {device}"
@@ -136,7 +133,7 @@ def main() -> None:
     rows = []
     try:
         for step in range(1, args.steps + 1):
-            record = engine.step(step)
+            record = run.step()
             _sync(device)
             flops = training_flops(model, record, args.lora, args.checkpointing)
             row = {
@@ -153,7 +150,7 @@ def main() -> None:
             rows.append(row)
             print(_format(str(step), row, peak))
     finally:
-        engine.close()
+        run.close()
     later = rows[1:] or rows
     mean = {key: sum(r[key] for r in later) / len(later) for key in later[0]}
     mean["peak_gb"] = max(r["peak_gb"] for r in rows)

@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 from thresher.core.config import load_config
-from thresher.core.engine import Engine
+from thresher.core.console import ConsoleReporter
 from thresher.core.registry import build_registry
-from thresher.core.run.metrics import ConsoleReporter
+from thresher.core.runner import Run
 from thresher.core.training.trainer import TrainSequence, collate
 from thresher.presets.rewards import addition_correct
 
@@ -129,17 +129,16 @@ def thresher_step(args: argparse.Namespace, scratch: Path) -> dict:
     if args.model == "tiny":
         overrides += ["model.path=builtin:tiny", "data.chat_template=never"]
     config = load_config("demo", overrides, registry)
-    engine = Engine(config, registry, ConsoleReporter(quiet=True))
-    engine.setup()
-    engine.step(1)  # warm-up (same work as the measured step)
-    record = engine.step(2)
+    run = Run(config, registry=registry, reporter=ConsoleReporter(quiet=True))
+    run.step()  # warm-up (same work as the measured step)
+    record = run.step()
     steps = {
         step: [json.loads(line) for line in (scratch / "thresher" / "rollouts" / f"step_{step}.jsonl").open()]
         for step in (1, 2)
     }
     batches = [sorted({r["prompt_index"] for r in rows}) for rows in steps.values()]
     (scratch / "batches.json").write_text(json.dumps(batches))
-    prompt_ids = {p.index: list(p.token_ids) for p in engine.train_prompts}
+    prompt_ids = {p.index: list(p.token_ids) for p in run.parts.train_prompts}
     kept = [[prompt_ids[r["prompt_index"]], r["response_ids"]] for r in steps[2] if r["kept"]]
     (scratch / "kept.json").write_text(json.dumps(kept))
     return {
@@ -151,7 +150,7 @@ def thresher_step(args: argparse.Namespace, scratch: Path) -> dict:
         "train_tokens": sum(len(p) + len(r) for p, r in kept),
         "head_tokens": sum(len(r) for _, r in kept),  # response-only LM head
         "kept": record["kept"],
-        "params": parameter_counts(engine.model),
+        "params": parameter_counts(run.model),
         "prompt_tokens": sum(len(prompt_ids[i]) for i in batches[1]) / len(batches[1]),
     }
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from thresher.core.config import load_config
-from thresher.core.engine import Engine
+from thresher.core.console import ConsoleReporter
 from thresher.core.model import build_tiny_tokenizer, load_policy, smollm2_cache_dir
 from thresher.core.registry import build_registry
-from thresher.core.run.metrics import ConsoleReporter
+from thresher.core.runner import Run
 from thresher.core.types import Prompt, Rollout
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.triton import TritonScorer
@@ -114,12 +114,8 @@ def rate(scorer, rollouts: list[Rollout], repeats: int) -> float:
 def step_time(config_path: str, overrides: list[str]) -> float:
     registry = build_registry()
     config = load_config(config_path, overrides, registry)
-    engine = Engine(config, registry, ConsoleReporter(quiet=True))
-    engine.setup()
-    try:
-        history = engine.run()
-    finally:
-        engine.close()
+    with Run(config, registry=registry, reporter=ConsoleReporter(quiet=True)) as run:
+        history = run.train()
     return sum(r["time_step"] for r in history[1:]) / max(1, len(history) - 1)
 
 

@@ -14,10 +14,10 @@ from pydantic import BaseModel
 
 import thresher
 from thresher.core.config import load_config
-from thresher.core.engine import Engine
+from thresher.core.console import ConsoleReporter
 from thresher.core.errors import PluginError
 from thresher.core.registry import build_registry, get_plugin_manager
-from thresher.core.run.metrics import ConsoleReporter
+from thresher.core.runner import Run
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugin_hooks.md"
 
@@ -176,9 +176,8 @@ def test_third_party_selector_is_used_by_a_run(plugin_manager, tiny_config, writ
     tiny_config["rs"]["max_steps"] = 2
     config = load_config(write_config(tiny_config), [], registry)
     LastRolloutSelector.calls = 0
-    engine = Engine(config, registry, ConsoleReporter(quiet=True))
-    engine.setup()
-    engine.run()
+    with Run(config, registry=registry, reporter=ConsoleReporter(quiet=True)) as run:
+        run.train()
     assert LastRolloutSelector.calls == 2
     n = tiny_config["rs"]["num_rollouts_per_prompt"]
     for step in (1, 2):

@@ -63,10 +63,15 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _registry(pm: pluggy.PluginManager | None = None):
+def _registry(pm: pluggy.PluginManager | None = None, warn: bool = True):
+    """The plugin registry; each installed plugin that failed to load is one warning line."""
     from thresher.core.registry import build_registry
 
-    return build_registry(pm)
+    registry = build_registry(pm)
+    if warn:
+        for problem in registry.problems:
+            err_console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    return registry
 
 
 def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
@@ -109,13 +114,13 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
     ) -> None:
         """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
         from thresher.core.config import load_config
-        from thresher.core.engine import Engine
-        from thresher.core.run.metrics import ConsoleReporter
+        from thresher.core.console import ConsoleReporter
+        from thresher.core.runner import Run
 
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)  # fail here, once, not in every rank
         if dry_run:
-            plan = Engine(run_config, registry, ConsoleReporter(err_console, quiet=True)).plan(training=True)
+            plan = Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=True)).plan()
             typer.echo(plan.render())
             return
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -124,13 +129,9 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
             forwarded += ["--resume-from", str(resume_from)] if resume_from else []
             forwarded += ["--quiet"] if quiet else []
             raise typer.Exit(run_torchrun(nproc, forwarded))
-        engine = Engine(run_config, registry, ConsoleReporter(err_console, quiet=quiet))
-        try:
-            engine.setup(training=True, resume=str(resume_from) if resume_from else resume)
-            history = engine.run()
-        finally:
-            engine.close()
-        if engine.dist.is_main:
+        with Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=quiet)) as run:
+            history = run.train(resume=str(resume_from) if resume_from else resume)
+        if run.is_main_process:
             typer.echo(f"finished {len(history)} steps; run directory: {run_config.output.dir}")
 
     @app.command()
@@ -145,18 +146,14 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
     ) -> None:
         """Best-of-N data production: generate, score and select for each training prompt; no training."""
         from thresher.core.config import load_config
-        from thresher.core.engine import Engine
-        from thresher.core.run.metrics import ConsoleReporter
+        from thresher.core.console import ConsoleReporter
+        from thresher.core.runner import Run
 
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)
         check_output_file(out)  # before hours of generation, not after
-        engine = Engine(run_config, registry, ConsoleReporter(err_console, quiet=quiet))
-        try:
-            engine.setup(training=False)
-            counts = engine.produce(out, limit=limit, write_all=write_all)
-        finally:
-            engine.close()
+        with Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=quiet)) as run:
+            counts = run.produce(out, limit=limit, write_all=write_all)
         typer.echo(
             f"wrote {out}: kept {counts['kept']} of {counts['rollouts']} rollouts for {counts['prompts']} prompts"
         )
@@ -169,22 +166,35 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         """List registered plugins of every kind with their config fields."""
         from thresher.core.registry import KINDS
 
-        registry = _registry(plugin_manager())
-        listing = {
+        registry = _registry(plugin_manager(), warn=False)
+        listing: dict[str, Any] = {
             kind: [
                 describe_plugin(registry.get(kind, name), registry.origins[(kind, name)])
                 for name in registry.names(kind)
             ]
             for kind in KINDS
         }
+        listing["not_loaded"] = registry.problems
         if as_json:
             typer.echo(json.dumps(listing, indent=2))
             return
         console = Console()
+        if not console.is_terminal:  # piped: one full line per field, never cut to a table's width
+            for kind in KINDS:
+                for plugin in listing[kind]:
+                    for f in plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]:
+                        default = json.dumps(f["default"]) if f["name"] else ""
+                        typer.echo("\t".join([kind, plugin["name"], f["name"], f["type"], default, f["description"]]))
+            for problem in registry.problems:
+                typer.echo(f"not loaded\t{problem}")
+            return
+        for problem in registry.problems:
+            err_console.print(f"[yellow]not loaded:[/] {escape(problem)}", highlight=False, soft_wrap=True)
         for kind in KINDS:
             table = Table(title=f"{kind} plugins", show_lines=True, title_justify="left")
-            for column in ("name", "field", "type", "default", "description"):
-                table.add_column(column)
+            table.add_column("name", overflow="fold", no_wrap=False, min_width=8)
+            for column in ("field", "type", "default", "description"):
+                table.add_column(column, overflow="fold")
             for plugin in listing[kind]:
                 fields = plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]
                 for i, f in enumerate(fields):

@@ -29,36 +29,159 @@ HOOK_FOR_KIND = {
     "selector": "register_selectors",
     "loss": "register_losses",
 }
+HOOK_NAMES = frozenset({*HOOK_FOR_KIND.values(), "register_commands"})
 DEFAULT_PLUGINS: tuple[str, ...] = ("thresher.plugins.builtin",)
 ENTRYPOINT_GROUP = "thresher"
 
 
 def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
-    """Build a fresh plugin manager: hook specs, built-ins, then installed plugins.
+    """Build a fresh plugin manager: hook specs, built-ins, classes registered in this process
+    (:func:`register`), then installed plugins.
 
     ``THRESHER_LOAD_PLUGINS`` (comma-separated entry-point names; empty for none) limits which
-    installed plugins load; ``THRESHER_TRACE_PLUGINS=1`` prints every hook call to stderr.
+    installed plugins load; ``THRESHER_TRACE_PLUGINS=1`` prints every hook call to stderr. An
+    installed plugin that cannot be imported or validated is left out and described in
+    :func:`plugin_problems` (the CLI prints one line for it; ``thresher plugins`` lists it), so one
+    broken package never stops Thresher itself.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
+    pm.register(_InProcess(), name=IN_PROCESS)
+    problems: list[str] = []
     if load_entrypoints:
-        _load_entrypoints(pm)
+        problems = _load_entrypoints(pm)
     pm.check_pending()
+    pm.problems = problems
     if os.environ.get("THRESHER_TRACE_PLUGINS"):
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return pm
 
 
-def _load_entrypoints(pm: pluggy.PluginManager) -> None:
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, plus the installed plugins it had to leave out (one line each)."""
+
+    problems: list[str]
+
+    def __init__(self, project_name: str):
+        super().__init__(project_name)
+        self.problems = []
+
+
+def plugin_problems(pm: pluggy.PluginManager) -> list[str]:
+    """One line per installed plugin left out of ``pm`` (and per unknown THRESHER_LOAD_PLUGINS name)."""
+    return list(getattr(pm, "problems", []))
+
+
+def _load_entrypoints(pm: pluggy.PluginManager) -> list[str]:
+    """Load each entry point on its own: an import error or a misspelled hook only drops that plugin."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=ENTRYPOINT_GROUP))
     allow = os.environ.get("THRESHER_LOAD_PLUGINS")
-    if allow is None:
-        pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP)
-        return
-    for name in filter(None, (n.strip() for n in allow.split(","))):
-        pm.load_setuptools_entrypoints(ENTRYPOINT_GROUP, name=name)
+    problems = []
+    if allow is not None:
+        wanted = [n.strip() for n in allow.split(",") if n.strip()]
+        installed = sorted(ep.name for ep in found)
+        for name in wanted:
+            if name not in installed:
+                listing = ", ".join(installed) or "none"
+                problems.append(
+                    f"THRESHER_LOAD_PLUGINS names {name!r}, which no installed plugin is (installed: {listing})"
+                )
+        found = [ep for ep in found if ep.name in wanted]
+    for ep in found:
+        where = f"plugin {ep.name!r} ({ep.value}" + (f", from {ep.dist.name}" if ep.dist else "") + ")"
+        try:
+            plugin = ep.load()
+        except Exception as err:  # the plugin's own code failed: report it as theirs, in one line
+            problems.append(f"{where} was not loaded: {type(err).__name__}: {_first_line(err)}")
+            continue
+        if pm.is_registered(plugin) or pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            pm.register(plugin, name=ep.name)
+            pm.check_pending()  # a hook that matches no spec (register_scorer for register_scorers)
+        except pluggy.PluginValidationError as err:
+            if pm.is_registered(plugin):
+                pm.unregister(plugin)
+            problems.append(f"{where} was not loaded: {_first_line(err)}{_hook_hint(plugin)}")
+    return problems
+
+
+def _hook_hint(plugin: object) -> str:
+    names = [n for n in dir(plugin) if n.startswith("register") and callable(getattr(plugin, n))]
+    wrong = [n for n in names if n not in HOOK_NAMES]
+    return f" (hooks are: {', '.join(sorted(HOOK_NAMES))}; found {', '.join(wrong)})" if wrong else ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- classes registered in this process (notebooks, tests, scripts: no packaging needed) ----------
+
+IN_PROCESS = "thresher.in_process"
+_REGISTERED: dict[tuple[str, str], type] = {}
+
+
+def register(cls: type, kind: str | None = None) -> type:
+    """Make a plugin class available to runs in this process, as if a package registered it.
+
+    ``kind`` (generator, scorer, selector, loss) is inferred from the class's methods when only one
+    kind fits. Registering a class again under its name replaces the earlier in-process one (a
+    notebook cell run twice); a name a built-in or installed plugin already has is an error when a
+    registry is built. Returns the class, so it also works as a decorator.
+    """
+    kind = kind or _infer_kind(cls)
+    if kind not in KINDS:
+        raise PluginError(f"register(): kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    _check_plugin_class(kind, cls)
+    _REGISTERED[(kind, cls.name)] = cls
+    return cls
+
+
+def unregister(cls: type) -> None:
+    """Forget a class registered with :func:`register` (tests clean up with it)."""
+    for key, registered in list(_REGISTERED.items()):
+        if registered is cls:
+            del _REGISTERED[key]
+
+
+def _infer_kind(cls: type) -> str:
+    fitting = [kind for kind in KINDS if not _missing_methods(cls, KIND_PROTOCOLS[kind])]
+    if len(fitting) != 1:
+        what = "several kinds: " + ", ".join(fitting) if fitting else "no kind's methods"
+        raise PluginError(f"register({getattr(cls, '__qualname__', cls)!r}): it has {what}; pass kind=")
+    return fitting[0]
+
+
+class _InProcess:
+    """The pluggy plugin through which :func:`register`'s classes reach a registry."""
+
+    def _register(self, kind: str, register: hookspecs.Register) -> None:
+        for (registered_kind, _), cls in _REGISTERED.items():
+            if registered_kind == kind:
+                register(cls)
+
+    @hookspecs.hookimpl
+    def register_generators(self, register: hookspecs.Register) -> None:
+        self._register("generator", register)
+
+    @hookspecs.hookimpl
+    def register_scorers(self, register: hookspecs.Register) -> None:
+        self._register("scorer", register)
+
+    @hookspecs.hookimpl
+    def register_selectors(self, register: hookspecs.Register) -> None:
+        self._register("selector", register)
+
+    @hookspecs.hookimpl
+    def register_losses(self, register: hookspecs.Register) -> None:
+        self._register("loss", register)
 
 
 @dataclass
@@ -67,6 +190,7 @@ class Registry:
 
     plugins: dict[str, dict[str, type]] = field(default_factory=lambda: {k: {} for k in KINDS})
     origins: dict[tuple[str, str], str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # installed plugins that could not be loaded
 
     def add(self, kind: str, cls: type) -> None:
         _check_plugin_class(kind, cls)
@@ -85,7 +209,12 @@ class Registry:
 
     def unknown_message(self, kind: str, name: str) -> str:
         available = ", ".join(sorted(self.plugins[kind])) or "none"
-        return f"unknown {kind} {name!r}; available: {available}"
+        broken = (
+            f" ({len(self.problems)} installed plugin(s) failed to load: see `thresher plugins`)"
+            if self.problems
+            else ""
+        )
+        return f"unknown {kind} {name!r}; available: {available}{broken}"
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.plugins[kind])
@@ -94,7 +223,7 @@ class Registry:
 def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     """Call every ``register_*`` hook and collect the classes into a :class:`Registry`."""
     pm = pm or get_plugin_manager()
-    registry = Registry()
+    registry = Registry(problems=plugin_problems(pm))
     for kind in KINDS:
         hook = getattr(pm.hook, HOOK_FOR_KIND[kind])
         hook(register=lambda cls, _kind=kind: registry.add(_kind, cls))

@@ -8,7 +8,7 @@ accept and ignore it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -107,7 +107,9 @@ class Scorer(Protocol):
 
 @runtime_checkable
 class Selector(Protocol):
-    """Chooses rollouts to train on: ``rewards`` and ``valid`` are [prompts, N]; returns a bool mask."""
+    """Chooses rollouts to train on: ``rewards`` and ``valid`` are [prompts, N]; returns a bool mask
+    of the same shape. A selector that declares a ``rollouts`` parameter also gets the rollouts,
+    grouped by prompt (``rollouts[p][s]``), to decide by their text or tokens (diversity, say)."""
 
     name: ClassVar[str]
 
@@ -133,6 +135,43 @@ class Loss(Protocol):
         num_sequences: int,
         num_tokens: int,
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+# --- optional capabilities: a plugin has them or not; the engine asks with isinstance() -------------
+
+
+@runtime_checkable
+class GeneratesInChunks(Protocol):
+    """A generator that can hand its rollouts over in pieces, so a remote scorer scores one piece while
+    the next is generated (``rs.overlap_scoring``). Same seed, same rollouts as ``generate``."""
+
+    def generate_chunks(
+        self, prompts: list[Prompt], n: int, *, seed: int, greedy: bool = False
+    ) -> Iterator[list[Rollout]]: ...
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    """A plugin with numbers for ``metrics.jsonl`` (prefixed with its kind: ``generator_…``,
+    ``selector_…``): called once per step."""
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class PlansMemory(Protocol):
+    """A generator that tells the memory plan what it holds: a classmethod
+    ``memory_items(config, run: GenerationPlan) -> list[PlanItem]``
+    (see :mod:`thresher.core.training.memory`)."""
+
+    @classmethod
+    def memory_items(cls, config: Any, run: Any) -> list[Any]: ...
+
+
+def is_remote(scorer: object) -> bool:
+    """A scorer computing elsewhere (class attribute ``remote = True``): overlapping it with
+    generation is worth it, where one computing on the same cores would only slow both."""
+    return bool(getattr(scorer, "remote", False))
 
 
 KIND_PROTOCOLS: dict[str, type] = {

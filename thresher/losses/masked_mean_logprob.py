@@ -51,4 +51,5 @@ class MaskedMeanLogprobLoss:
             loss = -(per_sequence / lengths).sum() / num_sequences
         else:
             loss = -per_sequence.sum() / num_tokens
-        return loss, {"logprob_sum": float(per_sequence.detach().sum())}
+        # Reported as loss_token_logprob_mean in metrics.jsonl (averaged over the step's micro-batches).
+        return loss, {"token_logprob_mean": float(per_sequence.detach().sum() / mask.sum().clamp(min=1))}

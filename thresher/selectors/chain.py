@@ -20,7 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from thresher.core.build import build_nested
-from thresher.core.types import PluginContext
+from thresher.core.checks import call_selector
+from thresher.core.types import PluginContext, Rollout
 from thresher.selectors.nested import SelectorSections
 
 
@@ -35,10 +36,14 @@ class ChainSelector:
         self.config = config
         self.stages = [build_nested("selector", stage, context) for stage in config.stages]
 
-    def select(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def select(
+        self, rewards: torch.Tensor, valid: torch.Tensor, rollouts: list[list[Rollout]] | None = None
+    ) -> torch.Tensor:
+        """Each stage on what the previous kept; stages that take ``rollouts`` get them too."""
         eligible = valid
-        for stage in self.stages:
-            eligible = stage.select(rewards, eligible).to(torch.bool) & eligible
+        flat = [r for group in rollouts for r in group] if rollouts is not None else None
+        for stage, section in zip(self.stages, self.config.stages, strict=True):
+            eligible = call_selector(stage, rewards, eligible, flat, section["type"]) & eligible
         return eligible
 
     def metrics(self) -> dict[str, Any]:

@@ -4,15 +4,28 @@ statistics of all and of kept rollouts."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from thresher.core.selection import diversity
 from thresher.core.types import Rollout
 
-if TYPE_CHECKING:
-    from thresher.core.engine import ScoredStep
+
+@dataclass
+class ScoredStep:
+    """A step's rollouts with their rewards [P, N], validity and the selector's decision."""
+
+    rollouts: list[Rollout]
+    rewards: torch.Tensor | None  # None when scoring failed (the rollouts are still written)
+    valid: torch.Tensor | None
+    kept: torch.Tensor | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def kept_rollouts(self) -> list[Rollout]:
+        flat = self.kept.flatten().tolist()
+        return [r for r, keep in zip(self.rollouts, flat, strict=True) if keep]
 
 
 def rollout_record(r: Rollout, reward: float | None, kept: bool | None) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thresher.core.types import PlansMemory
+
 if TYPE_CHECKING:
     from thresher.core.config import OutputConfig, RunConfig
 
@@ -344,8 +346,7 @@ def plan_run_memory(
     shape = model_shape(model_config, config.model.lora)
     longest = max((len(p.token_ids) for p in prompts), default=0)
     generator_items = None
-    planner = getattr(generator_cls, "memory_items", None)
-    if planner is not None:
+    if generator_cls is not None and isinstance(generator_cls, type) and issubclass(generator_cls, PlansMemory):
         about = GenerationPlan(
             shape=shape,
             model_type=str(getattr(model_config, "model_type", "")),
@@ -356,7 +357,7 @@ def plan_run_memory(
             device=device,
             validation=bool(config.data.validation),
         )
-        generator_items = planner(config.generator.config, about)
+        generator_items = generator_cls.memory_items(config.generator.config, about)
     available = available_memory(device)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if available is not None and device.type == "cpu" and local_ranks > 1:

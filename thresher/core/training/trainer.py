@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from thresher.core.checks import check_loss_result
 from thresher.core.config import OptimConfig
 from thresher.core.errors import ConfigError, ThresherError
 from thresher.core.faults import failpoint
@@ -164,6 +165,7 @@ class Trainer:
         self.interrupt_check = interrupt_check
         self.dist = dist or Distributed()
         self.nonfinite_in_a_row = 0
+        self.loss_metrics: dict[str, list[float]] = {}
         self.sharded = is_sharded(model)
 
     def reset_optimizer(self) -> None:
@@ -191,6 +193,7 @@ class Trainer:
         self.model.train()
         start = time.perf_counter()
         losses, norms, skipped, tokens, all_tokens = [], [], 0, 0, 0
+        self.loss_metrics: dict[str, list[float]] = {}
         for epoch in range(self.config.epochs_per_step):
             for batch in self._optimizer_batches(sequences, step, epoch):
                 # An interrupt abandons the step only while the weights are still those of the last
@@ -223,7 +226,15 @@ class Trainer:
             "train_sequence_tokens": all_tokens,
             "time_train": elapsed,
             "tokens_per_s_train": tokens / elapsed if elapsed > 0 else 0.0,
+            **self._loss_metrics(),
         }
+
+    def _loss_metrics(self) -> dict[str, float]:
+        """The loss plugin's metrics, averaged over every micro-batch of the step (on all ranks)."""
+        parts = self.dist.gather(self.loss_metrics)
+        keys = sorted({key for part in parts for key in part})
+        values = {key: [v for part in parts for v in part.get(key, [])] for key in keys}
+        return {f"loss_{key}": sum(v) / len(v) for key, v in values.items() if v}
 
     def _zero_grad(self) -> None:
         # The model's own (16-bit) gradients too: an error mid-backward can leave some behind.
@@ -269,6 +280,7 @@ class Trainer:
                 **counts,
                 min_passes=passes if self.sharded else 0,
                 filler=filler,
+                metrics_sink=self.loss_metrics,
             )
         except BaseException:
             self._zero_grad()
@@ -302,8 +314,10 @@ def accumulate_gradients(
     num_tokens: int | None = None,
     min_passes: int = 0,
     filler: TrainSequence | None = None,
+    metrics_sink: dict[str, list[float]] | None = None,
 ) -> float:
-    """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss.
+    """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss. The loss
+    plugin's own metrics of each micro-batch are appended to ``metrics_sink``.
 
     Every micro-batch is normalized by the counts of the *whole* batch, so the accumulated
     gradient equals the full-batch gradient for any ``micro_batch_size``. ``min_passes`` pads the
@@ -320,9 +334,13 @@ def accumulate_gradients(
             interrupt_check()
         input_ids, attention_mask, response_mask = collate(ordered[i : i + micro_batch_size], pad_id, device)
         token_logprobs = response_logprobs(model, input_ids, attention_mask, response_mask)
-        loss, _ = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
+        result = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
+        loss, metrics = check_loss_result(result, loss_fn)
         loss.backward()
         total += float(loss.detach())
+        if metrics_sink is not None:
+            for key, value in metrics.items():
+                metrics_sink.setdefault(key, []).append(float(value))
     for _ in range(min_passes - -(-len(ordered) // micro_batch_size)):
         if filler is None:
             raise ValueError("padding the passes needs a filler sequence")
