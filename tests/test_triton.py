@@ -143,11 +143,51 @@ def test_tokens_requested_from_a_text_only_server(rule_server):
         TritonScorer(TritonScorer.Config(url=rule_server.grpc_url, input="tokens"))
 
 
-def test_server_side_error_is_one_line(rule_server):
+def test_a_rule_missing_its_arguments_answers_in_one_line(rule_server):
     scorer = TritonScorer(TritonScorer.Config(url=rule_server.http_url))
     no_answer = [Rollout(Prompt(0, "p", (1,), {}), 0, 0, [5], "12", "eos")]
-    with pytest.raises(ScorerError, match=r"failed: server raised TypeError: addition_correct\(\) missing 1 required"):
+    with pytest.raises(
+        ScorerError, match=r"failed: server raised RequestError: reward function .* needs 'answer', which the client"
+    ):
         scorer.score(no_answer)
+
+
+def test_a_nemo_style_client_sending_only_sentences_gets_one_line_not_a_traceback(rule_server):
+    """NeMo-Aligner's client sends only `sentences`: the error text itself is the one line."""
+    import numpy as np
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{rule_server.http_port}")
+    sentences = httpclient.InferInput("sentences", [1, 1], "BYTES")
+    sentences.set_data_from_numpy(np.array([[b"What is 7 + 5? 12"]], dtype=object))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("reward_model", [sentences])
+    client.close()
+    text = str(caught.value)
+    # Thresher's own frames are gone; what remains is the one frame PyTriton's stub adds to any error
+    assert text.count('File "') <= 1 and "triton_server.py" not in text and "rules.py" not in text
+    assert (
+        "RequestError: reward function 'thresher.presets.rewards:addition_correct' needs 'responses', 'answer', "
+        "'finish_reasons', which the client did not send (it sent: sentences); send it in the 'extra' input"
+    ) in text
+
+
+@pytest.mark.parametrize("how", ["scorer", "config"])
+def test_serve_rm_serves_any_registered_scorer(tmp_path, reward_model, tiny_config, write_config, how):
+    """A reward model through the generic --scorer / --config path equals the in-process scorer."""
+    section = {"type": "local", "path": str(reward_model)}
+    if how == "scorer":
+        args = ["--scorer", json.dumps(section)]
+    else:
+        tiny_config["scorer"] = section
+        args = ["--config", str(write_config(tiny_config))]
+    with serving(args) as server:
+        scorer = TritonScorer(TritonScorer.Config(url=server.grpc_url))
+        batch = rollouts(10)
+        expected = LocalRewardModelScorer(LocalRewardModelScorer.Config(path=str(reward_model))).score(batch)
+        torch.testing.assert_close(scorer.score(batch), expected, atol=1e-5, rtol=1e-5)
+        scorer.close()
 
 
 def test_auth_token_is_sent_from_the_environment(rule_server, monkeypatch):
@@ -248,7 +288,12 @@ def test_serve_rm_stops_cleanly_on_sigterm_and_leaves_no_process(tmp_path):
 def test_serve_rm_needs_exactly_one_source(cli):
     result = cli("serve-rm")
     assert result.exit_code == 2
-    assert "error: serve-rm: give exactly one of --model DIR or --rule module:function" in result.output
+    assert (
+        "error: serve-rm: give exactly one of --model DIR, --rule module:function, --scorer SECTION or --config FILE"
+        in result.output
+    )
+    bad = cli("serve-rm", "--scorer", "{type: nope}")
+    assert bad.exit_code == 2 and "error: --scorer.type: unknown scorer 'nope'; available:" in bad.output
 
 
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # v4, v4-in-v6, ::1

@@ -14,14 +14,12 @@ with code 2 (config/data) or 3 (scoring); no traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import types
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pluggy
 import typer
@@ -29,13 +27,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from thresher.commands import err_console, user_errors
 from thresher.core.errors import ThresherError
 
-F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "demo"
-INTERRUPTED = 130
-
-err_console = Console(stderr=True)
 
 ConfigArg = Annotated[str, typer.Argument(help="Config file (YAML/TOML) or preset name: demo, tiny.")]
 SetOption = Annotated[
@@ -43,24 +38,6 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override a config value: KEY.PATH=VALUE (repeatable)."),
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and final results.")]
-
-
-def user_errors(command: F) -> F:
-    """Turn :class:`ThresherError` into ``error:`` lines and its exit code (no traceback)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except ThresherError as err:
-            for line in str(err).splitlines() or [type(err).__name__]:
-                err_console.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(INTERRUPTED) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _registry(pm: pluggy.PluginManager | None = None, warn: bool = True):
@@ -206,43 +183,6 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
                         f["description"],
                     )
             console.print(table)
-
-    @app.command("serve-rm")
-    @user_errors
-    def serve_rm(
-        model: Annotated[
-            str | None, typer.Option(help="Reward model directory (one-label sequence classifier).")
-        ] = None,
-        rule: Annotated[
-            str | None, typer.Option(help="Rule reward function: module:function or file.py:function.")
-        ] = None,
-        name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "reward_model",
-        host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
-        http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-        grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
-        max_batch_size: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 64,
-        queue_delay_us: Annotated[int, typer.Option(help="How long the batcher waits to fill a batch (µs).")] = 1000,
-        device: Annotated[str, typer.Option(help="Torch device for --model.")] = "cpu",
-        log_file: Annotated[str | None, typer.Option(help="Write Triton's own log here.")] = None,
-    ) -> None:
-        """Serve a reward model on Triton Inference Server (NeMo-Aligner's reward contract)."""
-        from thresher.core.errors import ConfigError
-        from thresher.scorers.triton_server import RewardModelBackend, RuleBackend, ServeOptions, serve
-
-        if (model is None) == (rule is None):
-            raise ConfigError(["serve-rm: give exactly one of --model DIR or --rule module:function"])
-        backend = RuleBackend(rule) if rule else RewardModelBackend(model, device=device)
-        source = f"rule {rule}" if rule else f"model {model}"
-        options = ServeOptions(name, host, http_port, grpc_port, max_batch_size, queue_delay_us, log_file)
-
-        def ready(http_url: str, grpc_url: str) -> None:
-            typer.echo(
-                f"serving reward model {name!r} ({source}) at {http_url} and {grpc_url}; Ctrl-C to stop", err=True
-            )
-            typer.echo(f"ready {grpc_url} {http_url}")
-
-        serve(backend, options, ready)
-        typer.echo("stopped", err=True)
 
     @config_app.command("validate")
     @user_errors

@@ -6,6 +6,8 @@ is the one reported as the duplicate.
 
 from __future__ import annotations
 
+from typing import Any
+
 from thresher.core.hookspecs import Register, hookimpl
 from thresher.generators.hf import HFGenerator
 from thresher.generators.vllm import VLLMGenerator
@@ -47,3 +49,11 @@ def register_selectors(register: Register) -> None:
 @hookimpl(tryfirst=True)
 def register_losses(register: Register) -> None:
     register(MaskedMeanLogprobLoss)
+
+
+@hookimpl
+def register_commands(app: Any) -> None:
+    """The Triton plugin's ``thresher serve-rm``."""
+    from thresher.scorers.serve_command import add_serve_rm
+
+    add_serve_rm(app)

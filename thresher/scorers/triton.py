@@ -352,8 +352,12 @@ def _is_transient(err: BaseException) -> bool:
 def _short(err: BaseException) -> str:
     """One line from a client or server error: the server's own exception line when there is one."""
     text = str(err)
-    raised = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
-    for kind, message in reversed(raised):
+    for line in reversed(text.splitlines()):
+        # "TritonModelException: pkg.RequestError: message": the innermost exception is the server's own
+        found = list(re.finditer(r"(?<![\w.])([A-Za-z_][\w.]*(?:Error|Exception)): ", line))
+        if not found:
+            continue
+        kind, message = found[-1].group(1), line[found[-1].end() :]
         if "TritonModelException" not in kind and "InferenceServerException" not in kind:
             return f"server raised {kind.rsplit('.', 1)[-1]}: {message.strip()}"
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__

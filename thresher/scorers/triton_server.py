@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import sysconfig
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +55,10 @@ class ServeOptions:
     log_file: str | None = None  # Triton's own log (default: a file in the temporary workspace)
 
 
+class RequestError(ValueError):
+    """A request the backend cannot answer: its one line is what the client reads."""
+
+
 class RuleBackend:
     """Rewards from a ``module:function`` rule, called like the in-process ``rule`` scorer."""
 
@@ -65,6 +71,8 @@ class RuleBackend:
         self.function = load_callable(spec, "--rule")
 
     def __call__(self, rows: dict[str, list[Any]]) -> np.ndarray:
+        import inspect
+
         from thresher.scorers.rules import check_rewards, select_kwargs
 
         count = len(next(iter(rows.values())))
@@ -78,8 +86,48 @@ class RuleBackend:
             arguments["finish_reasons"] = [e.get("finish_reason") for e in extras]
             for key in sorted({k for e in extras for k in e} - {"finish_reason"}):
                 arguments.setdefault(key, [e.get(key) for e in extras])
+        parameters = inspect.signature(self.function).parameters.values()
+        needed = [
+            p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        missing = [name for name in needed if name not in arguments]
+        if missing:
+            raise RequestError(
+                f"reward function {self.spec!r} needs {', '.join(map(repr, missing))}, which the client did not "
+                f"send (it sent: {', '.join(sorted(rows))}); send it in the {EXTRA!r} input (a JSON object per row)"
+            )
         result = self.function(**select_kwargs(self.function, arguments))
         return np.asarray(check_rewards(result, count, f"reward function {self.spec!r}"), dtype=np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+class ScorerBackend:
+    """Any registered scorer, serving rollouts rebuilt from the request: prompts, responses and the
+    ``extra`` fields when the client sends them (Thresher's client does), else the full sentences."""
+
+    accepts_tokens = False
+
+    def __init__(self, scorer: Any):
+        self.scorer = scorer
+
+    def __call__(self, rows: dict[str, list[Any]]) -> np.ndarray:
+        from thresher.core.types import Prompt, Rollout
+
+        count = len(next(iter(rows.values())))
+        extras = rows.get(EXTRA) or [{} for _ in range(count)]
+        rollouts = []
+        for i in range(count):
+            extra = {k: v for k, v in extras[i].items() if k != "finish_reason"}
+            prompt = Prompt(i, rows[PROMPTS][i] if PROMPTS in rows else "", (), extra)
+            response = rows[RESPONSES][i] if RESPONSES in rows else rows[SENTENCES][i]
+            reason = extras[i].get("finish_reason") or "eos"
+            rollouts.append(Rollout(prompt, i, 0, [], response, reason))
+        return np.asarray(self.scorer.score(rollouts), dtype=np.float32).reshape(-1)
+
+    def close(self) -> None:
+        self.scorer.close()
 
 
 class RewardModelBackend:
@@ -122,6 +170,9 @@ class RewardModelBackend:
                 rewards.append(logits[:, 0].float().cpu())
         return torch.cat(rewards).numpy()
 
+    def close(self) -> None:
+        pass
+
 
 def decode_rows(inputs: dict[str, np.ndarray]) -> dict[str, list[Any]]:
     """Batched Triton inputs → per-row Python values (texts, JSON objects, token arrays, lengths)."""
@@ -160,7 +211,13 @@ def make_infer_function(backend: Callable[[dict[str, list[Any]]], np.ndarray]) -
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        rewards = np.asarray(backend(decode_rows(inputs)), dtype=np.float32)
+        try:
+            rewards = np.asarray(backend(decode_rows(inputs)), dtype=np.float32)
+        except RequestError:
+            raise
+        except Exception:  # a bug or a failing reward: the whole traceback in the server's log
+            traceback.print_exc(file=sys.stderr)
+            raise
         return {REWARDS: rewards.reshape(-1, 1)}
 
     return infer
@@ -190,6 +247,10 @@ def serve(
         raise ThresherError("serve-rm needs PyTriton: pip install 'thresher[triton]'") from None
 
     _fix_stub_library_path()
+    # PyTriton sends the client the formatted exception: with no frames it is one line
+    # ("ValueError: …"); the full traceback of a real failure goes to this process's stderr.
+    previous_limit = getattr(sys, "tracebacklimit", None)
+    sys.tracebacklimit = 0
     stop = stop or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -228,3 +289,7 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if previous_limit is None:
+            del sys.tracebacklimit
+        else:
+            sys.tracebacklimit = previous_limit

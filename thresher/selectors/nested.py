@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, ValidationInfo
 
 from thresher.core.config import resolve_plugin_section
+from thresher.core.errors import ConfigError
 
 
 def _check_section(value: Any, info: ValidationInfo, where: str) -> dict[str, Any]:
@@ -32,9 +33,20 @@ def _one(value: Any, info: ValidationInfo) -> Any:
 
 
 def _many(value: Any, info: ValidationInfo) -> Any:
+    """Every stage is checked, and every problem of every stage reported at once."""
     if not isinstance(value, list) or not value:
         raise ValueError("expected a non-empty list of selector sections")
-    return [_check_section(v, info, f"{_where(info)}[{i}]") for i, v in enumerate(value)]
+    sections, problems = [], []
+    for i, section in enumerate(value):
+        try:
+            sections.append(_check_section(section, info, f"{_where(info)}[{i}]"))
+        except ConfigError as err:
+            problems.extend(err.problems)
+        except ValueError as err:
+            problems.append(f"{_where(info)}[{i}]: {err}")
+    if problems:
+        raise ConfigError(problems)
+    return sections
 
 
 SelectorSection = Annotated[dict[str, Any], BeforeValidator(_one)]
