@@ -249,4 +249,9 @@ def _missing_methods(cls: type, protocol: type) -> Iterable[str]:
     wanted = [m for m in protocol.__dict__ if not m.startswith("_") and callable(protocol.__dict__[m])]
     if "__call__" in protocol.__dict__:
         wanted.append("__call__")
-    return [m for m in wanted if not callable(getattr(cls, m, None))]
+    def has(method: str) -> bool:
+        if method == "__call__":  # every class is callable: the instances must be
+            return any("__call__" in vars(base) for base in cls.__mro__ if base is not object)
+        return callable(getattr(cls, method, None))
+
+    return [m for m in wanted if not has(m)]
