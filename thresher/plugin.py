@@ -32,6 +32,7 @@ scorer, see :func:`is_remote`). Thresher checks what every plugin returns and re
 one line that names the plugin.
 """
 
+from thresher.commands import user_errors
 from thresher.core.build import build_nested
 from thresher.core.config import Section
 from thresher.core.errors import (
@@ -89,4 +90,5 @@ __all__ = [
     "is_remote",
     "register",
     "unregister",
+    "user_errors",
 ]
