@@ -355,3 +355,58 @@ def test_ctrl_c_while_scoring_a_slow_server_stops_within_two_seconds(tmp_path, t
     run = Path(tiny_config["output"]["dir"])
     assert (run / "checkpoints" / "step_1" / "state.json").is_file()
     assert "stopped after step 1" in stderr and "--resume" in stderr
+
+
+def test_a_composite_with_a_triton_part_and_a_rule_part_trains_the_tiny_preset(
+    rule_server, tiny_config, write_config, cli
+):
+    """The addition rule served over Triton (gRPC) and the digit-share rule in-process, as two parts."""
+    digits = "thresher.presets.rewards:digit_share"
+    served = {"type": "triton", "url": rule_server.grpc_url}
+    tiny_config["scorer"] = {
+        "type": "combine",
+        "parts": [
+            {"name": "remote", "weight": 0.5, "scorer": served},
+            {"name": "local", "weight": 0.5, "scorer": {"type": "rule", "function": digits}},
+        ],
+    }
+    tiny_config["rs"]["max_steps"] = 2
+    result = cli("train", write_config(tiny_config), "-q")
+    assert result.exit_code == 0, result.output
+    run = Path(tiny_config["output"]["dir"])
+    rows = [json.loads(x) for x in (run / "rollouts" / "step_2.jsonl").open()]
+    assert rows and all(set(r["rewards"]) == {"remote", "local"} for r in rows)
+    assert all(r["reward"] == pytest.approx(0.5 * r["rewards"]["remote"] + 0.5 * r["rewards"]["local"]) for r in rows)
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").open()]
+    assert all("reward_corr_remote_local" in m for m in metrics if m["kind"] == "train")
+
+
+def test_a_composite_is_served_as_one_triton_model(tmp_path):
+    """`serve-rm --scorer '{type: combine, ...}'`: the whole reward stack behind one endpoint."""
+    section = {
+        "type": "combine",
+        "mode": "sum",
+        "parts": [
+            {"name": "correct", "scorer": {"type": "rule", "function": ADDITION}},
+            {
+                "name": "digits",
+                "weight": 0.25,
+                "scorer": {"type": "rule", "function": "thresher.presets.rewards:digit_share"},
+            },
+        ],
+    }
+    with serving(["--scorer", json.dumps(section)]) as server:
+        scorer = TritonScorer(TritonScorer.Config(url=server.http_url))
+        batch = rollouts(10)
+        got = scorer.score(batch)
+        scorer.close()
+    from thresher.core.build import instantiate
+    from thresher.core.config import resolve_plugin_section
+    from thresher.core.registry import build_registry
+    from thresher.core.types import PluginContext
+
+    registry = build_registry()
+    local = instantiate(
+        registry, "scorer", resolve_plugin_section("scorer", section, registry), PluginContext(registry=registry)
+    )
+    torch.testing.assert_close(got, local.score(batch).total)

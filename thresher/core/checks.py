@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from thresher.core.errors import PluginError, ScorerError
-from thresher.core.types import Loss, Rollout
+from thresher.core.types import Loss, PartRewards, Rollout
 
 
 def check_generated(rollouts: list[Rollout], prompts: int, n: int, name: str = "generator") -> None:
@@ -22,6 +22,24 @@ def check_generated(rollouts: list[Rollout], prompts: int, n: int, name: str = "
                 f"generator {name!r} returned rollouts out of order at {i}: (group, sample) = "
                 f"({r.group}, {r.sample}), expected ({i // n}, {i % n})"
             )
+
+
+def as_scored(results: list[Any], expected: int, name: str = "scorer") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A scorer's results over a step's chunks (tensors, or :class:`PartRewards`) as one reward
+    vector and each part's vector (no parts: an empty dict)."""
+    totals = [r.total if isinstance(r, PartRewards) else r for r in results]
+    flat = as_rewards(torch.cat([torch.as_tensor(t, dtype=torch.float32).flatten() for t in totals]), expected, name)
+    named = [r.parts for r in results if isinstance(r, PartRewards)]
+    if not named:
+        return flat, {}
+    if len(named) != len(results) or any(list(p) != list(named[0]) for p in named):
+        raise PluginError(f"scorer {name!r} returned different parts for different chunks of one step")
+    parts = {
+        key: torch.cat([torch.as_tensor(p[key], dtype=torch.float32).flatten() for p in named]) for key in named[0]
+    }
+    for key, values in parts.items():
+        as_rewards(values, expected, f"{name}.{key}")
+    return flat, parts
 
 
 def as_rewards(value: Any, expected: int, name: str = "scorer") -> torch.Tensor:

@@ -123,9 +123,11 @@ def produce(run: Components, out: Path, *, limit: int | None = None, write_all: 
             label = f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}"
             scored = phases.sample(run, batch, batch_number, label=label)
             rewards, kept = scored.rewards.flatten().tolist(), scored.kept.flatten().tolist()
-            for r, reward, keep in zip(scored.rollouts, rewards, kept, strict=True):
+            parts = {name: values.tolist() for name, values in scored.parts.items()}
+            for i, (r, reward, keep) in enumerate(zip(scored.rollouts, rewards, kept, strict=True)):
                 if keep or write_all:
-                    handle.write(json.dumps({**r.prompt.extra, **rollout_record(r, reward, keep)}) + "\n")
+                    row = rollout_record(r, reward, keep, {name: values[i] for name, values in parts.items()})
+                    handle.write(json.dumps({**r.prompt.extra, **row}) + "\n")
             counts["prompts"] += len(batch)
             counts["rollouts"] += len(scored.rollouts)
             counts["kept"] += int(scored.kept.sum())

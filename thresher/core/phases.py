@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from thresher.core.checks import as_rewards, call_selector, check_generated
+from thresher.core.checks import as_scored, call_selector, check_generated
 from thresher.core.components import Components
 from thresher.core.errors import ScorerError, ScoringInterrupted, ThresherError
 from thresher.core.faults import failpoint
 from thresher.core.interrupt import StopRequested
+from thresher.core.normalize import normalize_within_prompts
 from thresher.core.run.checkpoint import (
     check_resume_compatible,
     checkpoint_problem,
@@ -70,7 +71,7 @@ def sample(run: Components, prompts: list[Prompt], step: int, label: str) -> Sco
     low, high = run.dist.shard_bounds(len(prompts))
     rollouts, scores, timings = generate(run, prompts[low:high], n, step, label)
     try:
-        flat = as_rewards(torch.cat([s.flatten() for s in scores()]), len(rollouts), run.config.scorer.type)
+        flat, parts = as_scored(scores(), len(rollouts), run.config.scorer.type)
     except ScoringInterrupted:
         run.interrupts.check(f"while scoring step {step}")  # the stop request: abandon the step
         raise
@@ -78,15 +79,26 @@ def sample(run: Components, prompts: list[Prompt], step: int, label: str) -> Sco
         write_rollouts(run, step, ScoredStep(rollouts, None, None, None))  # nothing generated is lost
         raise
     timings["time_score"] = time.perf_counter() - timings.pop("_scoring_from")
-    rollouts, flat = _gather(run, rollouts, flat, low)
-    return select(run, rollouts, flat.view(len(prompts), n), step, timings)
+    if isinstance(run.scorer, ReportsMetrics):
+        timings.update({f"scorer_{k}": v for k, v in run.scorer.metrics().items()})
+    rollouts, flat, parts = _gather(run, rollouts, flat, parts, low)
+    return select(run, rollouts, flat.view(len(prompts), n), step, timings, parts)
 
 
-def select(run: Components, rollouts: list[Rollout], rewards: torch.Tensor, step: int, timings: dict) -> ScoredStep:
-    """Drop non-finite rewards (or stop), mark duplicates, and ask the selector for its mask."""
+def select(
+    run: Components,
+    rollouts: list[Rollout],
+    rewards: torch.Tensor,
+    step: int,
+    timings: dict,
+    parts: dict[str, torch.Tensor] | None = None,
+) -> ScoredStep:
+    """Drop non-finite rewards (or stop), mark duplicates, and ask the selector for its mask (on
+    rewards normalised within each prompt, with ``selector.normalize``; records keep the raw ones)."""
+    parts = parts or {}
     valid = torch.isfinite(rewards)
     if not bool(valid.all()) and run.config.rs.on_nonfinite_reward == "error":
-        write_rollouts(run, step, ScoredStep(rollouts, rewards, valid, torch.zeros_like(valid)))
+        write_rollouts(run, step, ScoredStep(rollouts, rewards, valid, torch.zeros_like(valid), parts=parts))
         raise ScorerError(
             f"scorer returned {int((~valid).sum())} non-finite reward(s) at step {step} (rollouts saved; set "
             "rs.on_nonfinite_reward=drop to skip such responses)"
@@ -94,7 +106,8 @@ def select(run: Components, rollouts: list[Rollout], rewards: torch.Tensor, step
     dedup = run.config.selector.options.get("dedup", "none")
     duplicates = duplicate_mask(rollouts, tuple(rewards.shape), dedup)
     eligible = valid & ~duplicates
-    kept = call_selector(run.selector, rewards, eligible, rollouts, run.config.selector.type) & eligible
+    seen = normalize_within_prompts(rewards, eligible, run.config.selector.options.get("normalize", "none"))
+    kept = call_selector(run.selector, seen, eligible, rollouts, run.config.selector.type) & eligible
     if dedup != "none":
         timings["duplicates_not_selectable"] = int(duplicates.sum())
     if isinstance(run.selector, ReportsMetrics):
@@ -102,7 +115,7 @@ def select(run: Components, rollouts: list[Rollout], rewards: torch.Tensor, step
     tokens = sum(len(r.response_ids) for r in rollouts)
     timings["generated_tokens"] = tokens
     timings["tokens_per_s_generate"] = tokens / timings["time_generate"] if timings["time_generate"] > 0 else 0.0
-    return ScoredStep(rollouts, rewards, valid, kept, timings)
+    return ScoredStep(rollouts, rewards, valid, kept, timings, parts)
 
 
 def overlap_scoring(run: Components) -> bool:
@@ -173,15 +186,17 @@ def _after_generation(run: Components, rollouts: list[Rollout], prompts: int, n:
 
 
 def _gather(
-    run: Components, rollouts: list[Rollout], rewards: torch.Tensor, offset: int
-) -> tuple[list[Rollout], torch.Tensor]:
-    """Every rank's rollouts and rewards, in prompt order, on every rank (group = global position)."""
+    run: Components, rollouts: list[Rollout], rewards: torch.Tensor, parts: dict[str, torch.Tensor], offset: int
+) -> tuple[list[Rollout], torch.Tensor, dict[str, torch.Tensor]]:
+    """Every rank's rollouts and rewards (and reward parts), in prompt order, on every rank (group =
+    global position)."""
     if not run.dist.enabled:
-        return rollouts, rewards
+        return rollouts, rewards, parts
     for r in rollouts:
         r.group += offset
-    parts = run.dist.gather((rollouts, rewards))
-    return [r for part, _ in parts for r in part], torch.cat([part for _, part in parts])
+    shards = run.dist.gather((rollouts, rewards, parts))
+    merged = {name: torch.cat([shard[2][name] for shard in shards]) for name in parts}
+    return [r for shard in shards for r in shard[0]], torch.cat([shard[1] for shard in shards]), merged
 
 
 def write_rollouts(run: Components, step: int, scored: ScoredStep) -> None:
@@ -189,8 +204,14 @@ def write_rollouts(run: Components, step: int, scored: ScoredStep) -> None:
         return
     rewards = scored.rewards.flatten().tolist() if scored.rewards is not None else None
     kept = scored.kept.flatten().tolist() if scored.kept is not None else None
+    parts = {name: values.tolist() for name, values in scored.parts.items()}
     rows = [
-        rollout_record(r, rewards[i] if rewards is not None else None, kept[i] if kept is not None else None)
+        rollout_record(
+            r,
+            rewards[i] if rewards is not None else None,
+            kept[i] if kept is not None else None,
+            {name: values[i] for name, values in parts.items()},
+        )
         for i, r in enumerate(scored.rollouts)
     ]
     run.run_dir.write_rollouts(step, rows)
@@ -247,9 +268,9 @@ def validate(run: Components, step: int, metrics: MetricsWriter) -> None:
         seed = sampling_seed(run, step) + VALIDATION_SEED_OFFSET
         rollouts = run.generator.generate(run.val_prompts[low:high], 1, seed=seed, greedy=mode == "greedy")
         run.interrupts.check(f"while validating after step {step}")
-        rewards = as_rewards(run.scorer.score(rollouts), len(rollouts), run.config.scorer.type)
+        rewards = as_scored([run.scorer.score(rollouts)], len(rollouts), run.config.scorer.type)[0]
         heldout = (
-            as_rewards(run.validation_scorer.score(rollouts), len(rollouts), run.config.validation_scorer.type)
+            as_scored([run.validation_scorer.score(rollouts)], len(rollouts), run.config.validation_scorer.type)[0]
             if run.validation_scorer is not None
             else torch.zeros(len(rollouts))
         )

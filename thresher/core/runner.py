@@ -32,6 +32,7 @@ from thresher.core.interrupt import Interrupts
 from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
 from thresher.core.registry import Registry, build_registry
 from thresher.core.run.directory import RunDir
+from thresher.core.scoring import wrap_scorer
 from thresher.core.selection import Guardrails
 from thresher.core.training.distributed import init_distributed
 from thresher.core.training.lora import apply_lora
@@ -268,11 +269,12 @@ class Run:
         )
         parts.reporter.phase("starting plugins")
         parts.generator = instantiate(self.registry, "generator", cfg.generator, context)
-        parts.scorer = instantiate(self.registry, "scorer", cfg.scorer, context)
+        parts.scorer = wrap_scorer(instantiate(self.registry, "scorer", cfg.scorer, context), cfg.scorer.options)
         parts.selector = instantiate(self.registry, "selector", cfg.selector, context)
         parts.loss = instantiate(self.registry, "loss", cfg.loss, context)
         if cfg.validation_scorer is not None:
-            parts.validation_scorer = instantiate(self.registry, "scorer", cfg.validation_scorer, context)
+            scorer = instantiate(self.registry, "scorer", cfg.validation_scorer, context)
+            parts.validation_scorer = wrap_scorer(scorer, cfg.validation_scorer.options)
 
     def _warn_greedy_duplicates(self) -> None:
         cfg = self.config

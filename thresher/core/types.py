@@ -91,9 +91,18 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class PartRewards:
+    """What a scorer made of named parts (``combine``) returns: the rewards, and each part's own, so
+    every rollout's record keeps them and the step's metrics compare them."""
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
 @runtime_checkable
 class Scorer(Protocol):
-    """Rewards rollouts: one finite float32 per rollout, in order."""
+    """Rewards rollouts: one finite float32 per rollout, in order (a tensor, or :class:`PartRewards`)."""
 
     name: ClassVar[str]
 

@@ -12,6 +12,7 @@ from thresher.core.hookspecs import Register, hookimpl
 from thresher.generators.hf import HFGenerator
 from thresher.generators.vllm import VLLMGenerator
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
+from thresher.scorers.combine import CombineScorer
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
 from thresher.scorers.triton import TritonScorer
@@ -34,6 +35,7 @@ def register_scorers(register: Register) -> None:
     register(RuleScorer)
     register(LocalRewardModelScorer)
     register(TritonScorer)
+    register(CombineScorer)
 
 
 @hookimpl(tryfirst=True)

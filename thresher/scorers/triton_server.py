@@ -124,7 +124,11 @@ class ScorerBackend:
             response = rows[RESPONSES][i] if RESPONSES in rows else rows[SENTENCES][i]
             reason = extras[i].get("finish_reason") or "eos"
             rollouts.append(Rollout(prompt, i, 0, [], response, reason))
-        return np.asarray(self.scorer.score(rollouts), dtype=np.float32).reshape(-1)
+        from thresher.core.types import PartRewards
+
+        result = self.scorer.score(rollouts)
+        total = result.total if isinstance(result, PartRewards) else result
+        return np.asarray(total, dtype=np.float32).reshape(-1)
 
     def close(self) -> None:
         self.scorer.close()

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from thresher.core.build import build_nested
 from thresher.core.checks import call_selector
+from thresher.core.nested import SelectorSections
 from thresher.core.types import PluginContext, Rollout
-from thresher.selectors.nested import SelectorSections
 
 
 class ChainSelector:

@@ -19,8 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from thresher.core.build import build_nested
+from thresher.core.nested import SelectorSection
 from thresher.core.types import PluginContext
-from thresher.selectors.nested import SelectorSection
 
 
 class RandomSelector:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from thresher.core.config.schema import SELECTOR_OPTIONS, PluginSpec, RunConfig
+from thresher.core.config.schema import FRAMEWORK_OPTIONS, PluginSpec, RunConfig
 from thresher.core.errors import ConfigError
 from thresher.core.registry import KINDS, Registry
 
@@ -101,20 +101,23 @@ def _resolve_plugin_section(
 
 
 def _framework_options(kind: str, params: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any] | None:
-    """Pop the options Thresher applies around any plugin of ``kind`` (today: a selector's dedup)."""
-    if kind != "selector":
+    """Pop the options Thresher applies around any plugin of ``kind`` (a selector's dedup and
+    normalize, a scorer's dedup and cache); only values that differ from the default are kept."""
+    model = FRAMEWORK_OPTIONS.get(kind)
+    if model is None:
         return {}
-    options: dict[str, Any] = {}
-    ok = True
-    for key, allowed in SELECTOR_OPTIONS.items():
-        if key in params:
-            value = params.pop(key)
-            if value not in allowed:
-                problems.append(f"{where}.{key}: expected one of {', '.join(allowed)} (got {value!r})")
-                ok = False
-            elif value != allowed[0]:
-                options[key] = value
-    return options if ok else None
+    given = {key: params.pop(key) for key in list(params) if key in model.model_fields}
+    try:
+        options = model.model_validate(given)
+    except ValidationError as err:
+        problems.extend(f"{where}.{line}" for line in _format_errors(err))
+        return None
+    defaults = model()
+    return {
+        key: value
+        for key, value in options.model_dump(mode="json").items()
+        if key in given and value != getattr(defaults, key)
+    }
 
 
 def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -> list[str]:

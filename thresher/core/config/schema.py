@@ -199,7 +199,30 @@ class GuardrailsConfig(Section):
     early_stop_min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
-SELECTOR_OPTIONS = {"dedup": ("none", "exact", "whitespace")}
+class SelectorOptions(Section):
+    """What Thresher does around any selector (keys in the selector's section)."""
+
+    dedup: Literal["none", "exact", "whitespace"] = Field(
+        "none", description="Later copies of a response within one prompt's group cannot be selected."
+    )
+    normalize: Literal["none", "zscore", "rank"] = Field(
+        "none",
+        description="The rewards the selector sees, standardised within each prompt's N (records keep the raw ones).",
+    )
+
+
+class CacheOptions(Section):
+    size: int = Field(..., ge=1, description="Rewards remembered across steps (least recently used go first).")
+
+
+class ScorerOptions(Section):
+    """What Thresher does around any scorer (keys in the scorer's section)."""
+
+    dedup: bool = Field(True, description="Score each distinct (prompt, response) of a call once.")
+    cache: CacheOptions | None = Field(None, description="Remember rewards across steps (deterministic scorers).")
+
+
+FRAMEWORK_OPTIONS: dict[str, type[Section]] = {"selector": SelectorOptions, "scorer": ScorerOptions}
 
 
 class PluginSpec(BaseModel):

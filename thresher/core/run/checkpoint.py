@@ -53,6 +53,8 @@ RESUME_MAY_CHANGE = (
     "rs.on_nonfinite_reward",
     "optim.max_nonfinite_updates",
     "optim.adamw_impl",
+    "scorer.cache",
+    "scorer.dedup",
     "model.device",
     "model.threads",
     "data.validation",

@@ -22,14 +22,17 @@ class ScoredStep:
     valid: torch.Tensor | None
     kept: torch.Tensor | None
     timings: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # a combined scorer's parts, flat
 
     def kept_rollouts(self) -> list[Rollout]:
         flat = self.kept.flatten().tolist()
         return [r for r, keep in zip(self.rollouts, flat, strict=True) if keep]
 
 
-def rollout_record(r: Rollout, reward: float | None, kept: bool | None) -> dict[str, Any]:
-    return {
+def rollout_record(
+    r: Rollout, reward: float | None, kept: bool | None, parts: dict[str, float] | None = None
+) -> dict[str, Any]:
+    record = {
         "prompt_index": r.prompt.index,
         "group": r.group,
         "sample": r.sample,
@@ -37,9 +40,16 @@ def rollout_record(r: Rollout, reward: float | None, kept: bool | None) -> dict[
         "response": r.text,
         "response_ids": r.response_ids,
         "finish_reason": r.finish_reason,
-        "reward": reward if reward is None or math.isfinite(reward) else None,
+        "reward": _finite(reward),
         "kept": kept,
     }
+    if parts:
+        record["rewards"] = {name: _finite(value) for name, value in parts.items()}
+    return record
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
 
 
 def step_statistics(scored: ScoredStep) -> dict[str, Any]:
@@ -71,7 +81,31 @@ def step_statistics(scored: ScoredStep) -> dict[str, Any]:
         "finished_eos": reasons.count("eos") / len(reasons),
         "finished_stop": reasons.count("stop") / len(reasons),
         "finished_length": reasons.count("length") / len(reasons),
+        **part_statistics(scored),
     }
+
+
+def part_statistics(scored: ScoredStep) -> dict[str, float]:
+    """Each part's mean over all and kept responses, and the correlation of every pair of parts."""
+    out: dict[str, float] = {}
+    kept = scored.kept.flatten()
+    for name, values in scored.parts.items():
+        finite = torch.isfinite(values)
+        out[f"reward_part_{name}_mean"] = _stat(values[finite], "mean")
+        out[f"reward_part_{name}_kept_mean"] = _stat(values[finite & kept], "mean")
+    names = list(scored.parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            out[f"reward_corr_{a}_{b}"] = _correlation(scored.parts[a], scored.parts[b])
+    return out
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    both = torch.isfinite(a) & torch.isfinite(b)
+    x, y = a[both].double(), b[both].double()
+    if x.numel() < 2 or float(x.std()) == 0.0 or float(y.std()) == 0.0:
+        return float("nan")  # undefined: one part is constant over the step
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
 
 
 def _stat(values: torch.Tensor, name: str) -> float:

@@ -1,0 +1,120 @@
+"""The ``combine`` scorer: one reward from named parts, each any registered scorer.
+
+In practice one reward is rarely enough: a verifier checks correctness, a reward model ranks style, a
+rule penalises length. Example config section::
+
+    scorer:
+      type: combine
+      mode: gate                # sum | product | gate
+      parts:
+        - {name: correct, scorer: {type: rule, function: my_rewards:exact_answer}}
+        - {name: rm, weight: 0.5, normalize: zscore, scorer: {type: triton, url: grpc://127.0.0.1:8001}}
+        - {name: brevity, weight: 0.1, scorer: {type: rule, function: my_rewards:length_penalty}}
+
+- ``sum``: Σ weight · part; ``product``: Π weight · part;
+- ``gate``: the first part is a pass/fail verifier (passes when its reward ≥ ``gate_threshold``); a
+  passing response scores the weighted sum of every part, a failing one exactly ``fail_reward``, so
+  a fluent wrong answer never outscores a right one as long as ``fail_reward`` is below what any
+  passing response can score (the default 0 suits non-negative parts).
+
+``normalize: zscore`` standardises a part within each prompt's N responses before weighting (the
+same result however the step is chunked). Remote parts (``triton``) are called concurrently with each
+other and with the local ones. Each part's rewards reach every rollout's record (``rewards:
+{correct: 1.0, rm: 0.31, brevity: -0.2}``) and the step's metrics (each part's mean over all and kept
+responses, and the correlation between parts: a reward model that stops agreeing with the verifier is
+a sign of hacking). A failing part fails the step like any scorer.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from thresher.core.build import build_nested
+from thresher.core.checks import as_rewards
+from thresher.core.config import Section
+from thresher.core.nested import ScorerSection
+from thresher.core.normalize import zscore_within_groups
+from thresher.core.types import PartRewards, PluginContext, Rollout, is_remote
+
+
+class Part(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="The part's name in records and metrics.")
+    weight: float = Field(1.0, description="Its weight in the sum (or factor in the product).")
+    normalize: Literal["none", "zscore"] = Field("none", description="zscore: standardise within each prompt's N.")
+    scorer: ScorerSection = Field(..., description="Any scorer section: {type: ..., ...}.")
+
+
+class CombineScorer:
+    name: ClassVar[str] = "combine"
+
+    class Config(Section):
+        mode: Literal["sum", "product", "gate"] = Field("sum", description="How the parts make one reward.")
+        parts: list[Part] = Field(..., min_length=1, description="Named parts, each any registered scorer.")
+        gate_threshold: float = Field(0.5, description="gate: the first part passes at this reward or above.")
+        fail_reward: float = Field(0.0, description="gate: the reward of a response that fails the first part.")
+
+        @model_validator(mode="after")
+        def _distinct_names(self) -> CombineScorer.Config:
+            names = [part.name for part in self.parts]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"parts: each name once; repeated: {', '.join(repeated)}")
+            if self.mode == "gate" and len(self.parts) < 2:
+                raise ValueError("mode gate needs the verifier and at least one other part")
+            return self
+
+    def __init__(self, config: Config, context: PluginContext):
+        self.config = config
+        self.parts = [build_nested("scorer", part.scorer, context) for part in config.parts]
+        self.remote = any(is_remote(scorer) for scorer in self.parts)
+        remote_count = sum(is_remote(scorer) for scorer in self.parts)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=remote_count, thread_name_prefix="combine") if remote_count else None
+        )
+
+    def score(self, rollouts: list[Rollout]) -> PartRewards:
+        parts = self._score_parts(rollouts)
+        groups = [r.group for r in rollouts]
+        weighted = []
+        for part, rewards in zip(self.config.parts, parts.values(), strict=True):
+            values = zscore_within_groups(rewards, groups) if part.normalize == "zscore" else rewards
+            weighted.append(part.weight * values)
+        stacked = torch.stack(weighted)
+        if self.config.mode == "sum":
+            total = stacked.sum(dim=0)
+        elif self.config.mode == "product":
+            total = stacked.prod(dim=0)
+        else:
+            passed = parts[self.config.parts[0].name] >= self.config.gate_threshold
+            total = torch.where(passed, stacked.sum(dim=0), torch.full_like(stacked[0], self.config.fail_reward))
+        return PartRewards(total.float(), parts)
+
+    def _score_parts(self, rollouts: list[Rollout]) -> dict[str, torch.Tensor]:
+        """Every part's raw rewards; remote parts in flight together while local ones compute."""
+        futures = {
+            part.name: self._pool.submit(scorer.score, rollouts)
+            for part, scorer in zip(self.config.parts, self.parts, strict=True)
+            if is_remote(scorer)
+        }
+        results: dict[str, Any] = {
+            part.name: scorer.score(rollouts)
+            for part, scorer in zip(self.config.parts, self.parts, strict=True)
+            if not is_remote(scorer)
+        }
+        results.update({name: future.result() for name, future in futures.items()})
+        parts = {}
+        for part in self.config.parts:
+            value = results[part.name]
+            value = value.total if isinstance(value, PartRewards) else value
+            parts[part.name] = as_rewards(value, len(rollouts), f"{self.name}.{part.name}")
+        return parts
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for scorer in self.parts:
+            scorer.close()
