@@ -249,6 +249,7 @@ def _missing_methods(cls: type, protocol: type) -> Iterable[str]:
     wanted = [m for m in protocol.__dict__ if not m.startswith("_") and callable(protocol.__dict__[m])]
     if "__call__" in protocol.__dict__:
         wanted.append("__call__")
+
     def has(method: str) -> bool:
         if method == "__call__":  # every class is callable: the instances must be
             return any("__call__" in vars(base) for base in cls.__mro__ if base is not object)
