@@ -4,10 +4,12 @@ and per validation, and the reward curve at the end."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -24,6 +26,16 @@ def sparkline(values: list[float]) -> str:
     )
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h14m``: a remaining time at the precision that matters."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -31,44 +43,77 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 class ConsoleReporter:
-    """Human-facing progress: the current phase (live on a terminal) and a line per step."""
+    """Human-facing progress: the phase in progress and one line per step and per validation.
+
+    On a terminal a phase is a live line: a bar with done/total where the phase knows its size
+    (responses generated, scored; micro-batches trained), its elapsed time and the run's ETA. Off a
+    terminal (a log file, CI) each phase ends with one line saying how long it took, so a log shows
+    where a run is and where its time goes.
+    """
 
     def __init__(self, console: Console | None = None, quiet: bool = False):
         self.console = console or Console(stderr=True)
         self.quiet = quiet
-        self._status = None
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._phase: str | None = None
+        self._started = 0.0
+        self.eta: str = ""  # the run's remaining time, from the steps so far
 
-    def phase(self, text: str) -> None:
+    def phase(self, text: str, total: int | None = None) -> None:
+        """Start a phase (the previous one ends); ``total``: its size, for a bar and ``advance``."""
         if self.quiet:
             return
-        if self._status is None:
-            self._status = self.console.status(escape(text))
-            self._status.start()
-        else:
-            self._status.update(escape(text))
+        self.done()
+        self._phase, self._started = text, time.perf_counter()
+        if not self.console.is_terminal:
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}")]
+        if total:
+            columns += [BarColumn(), MofNCompleteColumn()]
+        columns += [TimeElapsedColumn(), TextColumn("{task.fields[eta]}")]
+        self._progress = Progress(*columns, console=self.console, transient=True)
+        self._task = self._progress.add_task(escape(text), total=total, eta=self._eta_text())
+        self._progress.start()
+
+    def advance(self, amount: int = 1) -> None:
+        """``amount`` more of the current phase's total is done."""
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
 
     def done(self) -> None:
-        if self._status is not None:
-            self._status.stop()
-            self._status = None
+        """End the current phase: off a terminal, one line with its duration."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = self._task = None
+        if self._phase is not None and not self.console.is_terminal and not self.quiet:
+            self.console.print(f"{escape(self._phase)}: {time.perf_counter() - self._started:.1f} s", soft_wrap=True)
+        self._phase = None
+
+    def _eta_text(self) -> str:
+        return f"run ETA {self.eta}" if self.eta else ""
 
     def info(self, text: str) -> None:
         if not self.quiet:
             self.done()
             self.console.print(text, soft_wrap=True)  # one line per event, also in CI logs
 
-    def step(self, record: dict[str, Any], max_steps: int) -> None:
+    def step(self, record: dict[str, Any], max_steps: int, seconds_per_step: float | None = None) -> None:
+        """The step's line; with ``seconds_per_step`` (the mean so far) also the run's remaining time."""
+        remaining = max_steps - int(record["step"])
+        self.eta = _duration(seconds_per_step * remaining) if seconds_per_step and remaining > 0 else ""
+        eta = f"  ETA {self.eta}" if self.eta else ""
         if record.get("skipped"):
             self.info(
                 f"step {record['step']}/{max_steps}  reward {_fmt(record['reward_mean'])}  "
-                f"[yellow]skipped: {record['skipped']}[/]"
+                f"[yellow]skipped: {record['skipped']}[/]{eta}"
             )
             return
         self.info(
             f"step {record['step']}/{max_steps}  reward {_fmt(record['reward_mean'])} "
             f"(kept {_fmt(record['reward_kept_mean'])}, {record['kept']}/{record['rollouts']} kept)  "
             f"loss {_fmt(record.get('loss'))}  gen {_fmt(record['time_generate'], 1)}s "
-            f"train {_fmt(record.get('time_train'), 1)}s"
+            f"train {_fmt(record.get('time_train'), 1)}s{eta}"
         )
 
     def validation(self, record: dict[str, Any]) -> None:

@@ -40,12 +40,14 @@ def train(run: Components) -> list[dict[str, Any]]:
                 due = run.val_prompts and (start == 0 or phases.validation_due(run, start))
                 if due and not phases.validated(run, start):
                     phases.validate(run, start, metrics)
+                started = time.perf_counter()  # this process's steps (with checkpoints, validation) for the ETA
                 for step in range(progress.start_step + 1, rs.max_steps + 1):
                     record = global_step(run, step)
                     metrics.write(record)
                     progress.history.append(record)
                     progress.completed_step = step
-                    run.reporter.step(record, rs.max_steps)
+                    seconds_per_step = (time.perf_counter() - started) / (step - progress.start_step)
+                    run.reporter.step(record, rs.max_steps, seconds_per_step)
                     phases.check_diversity(run, step, record)
                     if phases.checkpoint_due(run, step):
                         phases.checkpoint(run, step)
@@ -82,7 +84,8 @@ def global_step(run: Components, step: int) -> dict[str, Any]:
         record.update(prompts_consumed=run.stream.consumed, prompts_skipped_too_long=run.skipped_long_prompts)
         sequences = run.trainset.sequences(step, prompts, scored, record)
         if sequences:
-            run.reporter.phase(f"step {step}: training on {len(sequences)} responses")
+            micro_batches = run.trainer.micro_batch_count(len(sequences))
+            run.reporter.phase(f"step {step}: training on {len(sequences)} responses", total=micro_batches)
             record.update(phases.train(run, step, sequences), skipped=None)
         else:
             record.update(loss=None, grad_norm=None, time_train=0.0, train_tokens=0, skipped="no rollout selected")

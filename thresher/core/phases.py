@@ -66,9 +66,11 @@ def sampling_seed(run: Components, step: int) -> int:
 def sample(run: Components, prompts: list[Prompt], step: int, label: str) -> ScoredStep:
     """Generate N responses per prompt (this rank's shard), score them, gather, and select."""
     n = run.config.rs.num_rollouts_per_prompt
-    run.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses")
-    generate = _generate_and_score_overlapped if overlap_scoring(run) else _generate_then_score
     low, high = run.dist.shard_bounds(len(prompts))
+    # A chunked generator's progress is countable: this rank's responses, as chunks come out.
+    total = (high - low) * n if isinstance(run.generator, GeneratesInChunks) else None
+    run.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses", total=total)
+    generate = _generate_and_score_overlapped if overlap_scoring(run) else _generate_then_score
     rollouts, scores, timings = generate(run, prompts[low:high], n, step, label)
     try:
         flat, parts = as_scored(scores(), len(rollouts), run.config.scorer.type)
@@ -129,7 +131,13 @@ def overlap_scoring(run: Components) -> bool:
 
 def _generate_then_score(run: Components, prompts: list[Prompt], n: int, step: int, label: str) -> Generated:
     t0 = time.perf_counter()
-    rollouts = run.generator.generate(prompts, n, seed=sampling_seed(run, step))
+    if isinstance(run.generator, GeneratesInChunks):  # the same rollouts as generate(), counted
+        rollouts = []
+        for chunk in run.generator.generate_chunks(prompts, n, seed=sampling_seed(run, step)):
+            rollouts.extend(chunk)
+            run.reporter.advance(len(chunk))
+    else:
+        rollouts = run.generator.generate(prompts, n, seed=sampling_seed(run, step))
     timings = {"time_generate": time.perf_counter() - t0}
     _after_generation(run, rollouts, len(prompts), n, step)
     run.reporter.phase(f"{label}: scoring {len(rollouts)} responses")
@@ -159,19 +167,27 @@ def _generate_and_score_overlapped(run: Components, prompts: list[Prompt], n: in
     try:
         for chunk in run.generator.generate_chunks(prompts, n, seed=sampling_seed(run, step)):
             rollouts.extend(chunk)
+            run.reporter.advance(len(chunk))
             if not run.interrupts.requested:
-                futures.append(pool.submit(timed_score, chunk))
+                futures.append((len(chunk), pool.submit(timed_score, chunk)))
         timings = {"time_generate": time.perf_counter() - t0}
         _after_generation(run, rollouts, len(prompts), n, step)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
-    run.reporter.phase(f"{label}: scoring the last of {len(rollouts)} responses")
+    run.reporter.phase(f"{label}: scoring the last of {len(rollouts)} responses", total=len(rollouts))
+    counted = [future.done() for _, future in futures]  # scored while generating: already done
+    run.reporter.advance(sum(size for (size, _), done in zip(futures, counted, strict=True) if done))
     timings["_scoring_from"] = time.perf_counter()
 
     def scores() -> list[torch.Tensor]:
+        results = []
         try:
-            return [future.result() for future in futures]
+            for (size, future), done in zip(futures, counted, strict=True):
+                results.append(future.result())
+                if not done:
+                    run.reporter.advance(size)
+            return results
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             timings["time_score_busy"] = busy[0]

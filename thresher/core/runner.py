@@ -206,6 +206,7 @@ class Run:
             seed=cfg.rs.seed,
             interrupt_check=parts.interrupts.check,
             dist=parts.dist,
+            on_micro_batch=parts.reporter.advance,
         )
         parts.trainset = training_set_for(cfg.rs)
         parts.guardrails = Guardrails(cfg.guardrails)

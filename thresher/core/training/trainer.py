@@ -146,6 +146,7 @@ class Trainer:
         seed: int = 0,
         interrupt_check: Callable[[], None] = lambda: None,
         dist: Distributed | None = None,
+        on_micro_batch: Callable[[], None] | None = None,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -163,6 +164,7 @@ class Trainer:
         self.params = self.master.params if self.master else [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_adamw(self.params, config)
         self.interrupt_check = interrupt_check
+        self.on_micro_batch = on_micro_batch  # progress: called after each of this rank's micro-batches
         self.dist = dist or Distributed()
         self.nonfinite_in_a_row = 0
         self.loss_metrics: dict[str, list[float]] = {}
@@ -229,6 +231,14 @@ class Trainer:
             **self._loss_metrics(),
         }
 
+    def micro_batch_count(self, num_sequences: int) -> int:
+        """How many micro-batches this rank runs for a step of ``num_sequences`` (a progress total)."""
+        size = min(self.config.batch_size or num_sequences, num_sequences) or 1
+        batches = [min(size, num_sequences - i) for i in range(0, num_sequences, size)]
+        shares = [len(range(self.dist.rank, n, self.dist.world_size)) for n in batches]
+        per_epoch = sum(-(-share // self.config.micro_batch_size) for share in shares)
+        return per_epoch * self.config.epochs_per_step
+
     def _loss_metrics(self) -> dict[str, float]:
         """The loss plugin's metrics, averaged over every micro-batch of the step (on all ranks)."""
         parts = self.dist.gather(self.loss_metrics)
@@ -281,6 +291,7 @@ class Trainer:
                 min_passes=passes if self.sharded else 0,
                 filler=filler,
                 metrics_sink=self.loss_metrics,
+                on_micro_batch=self.on_micro_batch,
             )
         except BaseException:
             self._zero_grad()
@@ -315,6 +326,7 @@ def accumulate_gradients(
     min_passes: int = 0,
     filler: TrainSequence | None = None,
     metrics_sink: dict[str, list[float]] | None = None,
+    on_micro_batch: Callable[[], None] | None = None,
 ) -> float:
     """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss. The loss
     plugin's own metrics of each micro-batch are appended to ``metrics_sink``.
@@ -341,6 +353,8 @@ def accumulate_gradients(
         if metrics_sink is not None:
             for key, value in metrics.items():
                 metrics_sink.setdefault(key, []).append(float(value))
+        if on_micro_batch is not None:
+            on_micro_batch()
     for _ in range(min_passes - -(-len(ordered) // micro_batch_size)):
         if filler is None:
             raise ValueError("padding the passes needs a filler sequence")
