@@ -7,6 +7,8 @@
     thresher plugins [--json]
     thresher config validate run.yaml
     thresher config schema
+    thresher report runs/a runs/b --out report.html
+    thresher rollouts runs/a --step 3 --best 2
 
 User mistakes (a config field, a prompt file, a plugin name) print ``error: ...`` lines and exit
 with code 2 (config/data) or 3 (scoring); no traceback.
@@ -183,6 +185,69 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
                         f["description"],
                     )
             console.print(table)
+
+    @app.command()
+    @user_errors
+    def report(
+        runs: Annotated[
+            list[Path], typer.Argument(metavar="RUN", help="Run directories (output.dir), overlaid in each figure.")
+        ],
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                "--out",
+                "-o",
+                metavar="FILE",
+                help="HTML report (default: report.html); its PNG and CSV files go in NAME_files/ beside it.",
+            ),
+        ] = None,
+        png: Annotated[
+            Path | None,
+            typer.Option("--png", metavar="DIR", help="Write only the figures: one PNG and one CSV each, into DIR."),
+        ] = None,
+    ) -> None:
+        """Figures of one or more runs (finished or live): rewards, accept rate, validation, lengths, speed."""
+        from thresher.observe.report import build_report
+
+        if out is None and png is None:
+            out = Path("report.html")
+        written = build_report(runs, out, png)
+        names = ", ".join(f.spec.name for f in written.figures) or "none: no steps recorded yet"
+        for folder in written.folders:
+            typer.echo(f"wrote {len(written.figures)} figures (PNG + CSV) to {folder}: {names}")
+        if written.html is not None:
+            typer.echo(f"wrote {written.html}")
+
+    @app.command()
+    @user_errors
+    def rollouts(
+        run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory (output.dir).")],
+        step: Annotated[
+            int | None, typer.Option("--step", metavar="N", help="Step to show (default: the latest).")
+        ] = None,
+        kept: Annotated[bool, typer.Option("--kept", help="Only kept responses.")] = False,
+        rejected: Annotated[bool, typer.Option("--rejected", help="Only rejected responses.")] = False,
+        best: Annotated[
+            int | None, typer.Option("--best", metavar="K", help="Per prompt, the K highest rewards.")
+        ] = None,
+        worst: Annotated[
+            int | None, typer.Option("--worst", metavar="K", help="Per prompt, the K lowest rewards.")
+        ] = None,
+        grep: Annotated[
+            str | None, typer.Option("--grep", metavar="TEXT", help="Responses (or prompts) containing TEXT, any case.")
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output, nothing truncated.")] = False,
+    ) -> None:
+        """Per prompt, the kept and rejected responses of a step with rewards and finish reasons."""
+        from thresher.observe.rollouts import Filters, render_lines, rollouts_view
+
+        view = rollouts_view(run, step, Filters(kept, rejected, best, worst, grep))
+        if as_json:
+            typer.echo(json.dumps(view, indent=2))
+            return
+        console = Console(highlight=False, soft_wrap=True)
+        for line in render_lines(view):
+            console.print(line)
 
     @config_app.command("validate")
     @user_errors
