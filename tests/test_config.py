@@ -34,7 +34,7 @@ def test_valid_config_resolves_plugin_sections(tiny_config, write_config, cli):
         (lambda c: c["optim"].update(learning_rate=1e-4), "optim.learning_rate: unknown key"),
         (lambda c: c["selector"].update(k=2), "selector.k: unknown key"),
         (lambda c: c["selector"].update(top_n_rollouts="two"), "selector.top_n_rollouts: Input should be a valid"),
-        (lambda c: c.pop("scorer"), "scorer: section is required (choose one of: local, rule, triton)"),
+        (lambda c: c.pop("scorer"), "scorer: section is required (choose one of: combine, local, rule, triton)"),
         (lambda c: c["scorer"].pop("function"), "scorer.function: Field required"),
         (lambda c: c["scorer"].update(function="no_colon"), "scorer.function: expected module:function"),
         (lambda c: c.update(extra_section={}), "extra_section: unknown key"),
@@ -150,4 +150,4 @@ def test_real_console_script_exits_2_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "error: scorer.type: unknown scorer 'nope'; available: local, rule, triton"
+    assert proc.stderr.strip() == "error: scorer.type: unknown scorer 'nope'; available: combine, local, rule, triton"

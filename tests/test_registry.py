@@ -49,9 +49,10 @@ class LastRolloutPlugin:
 
 def test_builtins_are_registered(registry):
     assert registry.names("generator") == ["hf", "vllm"]
-    assert registry.names("scorer") == ["local", "rule", "triton"]
+    assert registry.names("scorer") == ["combine", "local", "rule", "triton"]
     assert registry.names("selector") == ["band", "chain", "global_top_fraction", "random", "threshold", "topk"]
     assert registry.names("loss") == ["masked_mean_logprob"]
+    assert registry.names("logger") == ["jsonl", "tensorboard"]
 
 
 def test_unknown_name_lists_what_is_available(registry):
@@ -251,6 +252,42 @@ def test_hook_register_losses(plugin_manager):
             register(SumLoss)
 
     assert _registered(plugin_manager, Plugin(), "loss").get("loss", "sum") is SumLoss
+
+
+def test_hook_register_loggers(plugin_manager):
+    class CountingLogger:
+        name = "counting"
+
+        class Config(BaseModel):
+            pass
+
+        def log(self, record):
+            pass
+
+        def close(self):
+            pass
+
+    class NoLog:
+        name = "no_log"
+
+        class Config(BaseModel):
+            pass
+
+        def close(self):
+            pass
+
+    class Plugin:
+        @thresher.hookimpl
+        def register_loggers(self, register):
+            register(CountingLogger)
+
+    registry = _registered(plugin_manager, Plugin(), "logger")
+    assert registry.get("logger", "counting") is CountingLogger
+    assert registry.names("logger") == ["counting", "jsonl", "tensorboard"]
+    with pytest.raises(PluginError, match=r"logger plugin '.*NoLog': missing logger method\(s\): log$"):
+        registry.add("logger", NoLog)
+    assert thresher.register(CountingLogger) is CountingLogger  # the kind is inferred from log/close
+    thresher.unregister(CountingLogger)
 
 
 def test_hook_register_commands(plugin_manager, cli):

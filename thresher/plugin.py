@@ -26,8 +26,9 @@ A plugin is a class with a ``name`` (what configs call it), a nested ``Config`` 
         register(LengthPenalty)
 
 What each kind must do is its protocol (:class:`Generator`, :class:`Scorer`, :class:`Selector`,
-:class:`Loss`); what a plugin may additionally do, the engine asks by these optional protocols:
-:class:`GeneratesInChunks`, :class:`ReportsMetrics`, :class:`PlansMemory` (and ``remote = True`` on a
+:class:`Loss`, :class:`Logger`); what a plugin may additionally do, the engine asks by these optional
+protocols: :class:`GeneratesInChunks`, :class:`ReportsMetrics`, :class:`PlansMemory`, :class:`LogsRollouts`
+(and ``remote = True`` on a
 scorer, see :func:`is_remote`). Thresher checks what every plugin returns and reports a mistake in
 one line that names the plugin.
 """
@@ -51,6 +52,8 @@ from thresher.core.types import (
     FinishReason,
     GeneratesInChunks,
     Generator,
+    Logger,
+    LogsRollouts,
     Loss,
     PartRewards,
     PlansMemory,
@@ -71,6 +74,8 @@ __all__ = [
     "GenerationPlan",
     "Generator",
     "GeneratorError",
+    "Logger",
+    "LogsRollouts",
     "Loss",
     "PartRewards",
     "PlanItem",

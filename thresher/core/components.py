@@ -62,4 +62,5 @@ class Components:
     trainer: Trainer | None = None
     trainset: TrainingSet | None = None
     guardrails: Guardrails | None = None
+    loggers: Any = None  # a training run's RunLoggers (core.run.loggers), while it trains
     base_state: dict[str, torch.Tensor] | None = None  # rs.restart_from_base: the weights each step starts from

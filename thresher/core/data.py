@@ -1,58 +1,21 @@
-"""Prompt datasets: read JSONL, render chat templates, tokenize once, and hand out batches.
+"""Prompt datasets: render chat templates, tokenize once, and hand out batches.
 
-A row is ``{"prompt": "..."}`` (the field name is configurable) or ``{"messages": [...]}`` rendered
-with the tokenizer's chat template; every other field is kept as ``Prompt.extra`` and reaches the
-scorer (a reference answer, a test case). Errors name the file, the line and the field.
+A row is ``{"prompt": "..."}`` (the field name is configurable) or ``{"messages": [...]}`` (so is
+that one) rendered with the tokenizer's chat template; every other field is kept as ``Prompt.extra``
+and reaches the scorer (a reference answer, a test case). Rows come from :mod:`thresher.core.datasource`
+(JSONL, CSV, Parquet, a ``datasets`` save); errors name the file, the line or row, and the field.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from thresher.core.datasource import read_rows, resolve_data_path
 from thresher.core.errors import DataError
 from thresher.core.types import Prompt
-
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-
-
-def resolve_data_path(source: str) -> Path:
-    """``builtin:NAME`` → a prompt file shipped in ``thresher/presets``; anything else is a path."""
-    if source.startswith("builtin:"):
-        path = PRESETS_DIR / f"{source.removeprefix('builtin:')}.jsonl"
-        if not path.is_file():
-            names = ", ".join(f"builtin:{p.stem}" for p in sorted(PRESETS_DIR.glob("*.jsonl")))
-            raise DataError(f"{source}: no such built-in prompt set; available: {names}")
-        return path
-    return Path(source)
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Return ``(line_number, row)`` pairs; blank lines are skipped, anything malformed is an error."""
-    if not path.is_file():
-        raise DataError(f"{path}: prompt file not found")
-    rows = []
-    try:
-        with path.open(encoding="utf-8-sig") as handle:  # a UTF-8 byte-order mark is allowed
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_number}: malformed JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-                rows.append((line_number, row))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 (byte {err.start})") from None
-    if not rows:
-        raise DataError(f"{path}: no prompts (the file is empty)")
-    return rows
 
 
 def use_chat_template(mode: str, tokenizer: Any) -> bool:
@@ -67,21 +30,21 @@ def load_prompts(
     tokenizer: Any,
     *,
     field: str = "prompt",
+    messages_field: str = "messages",
     chat_template: str = "auto",
     max_prompt_tokens: int | None = None,
     limit_name: str = "",
     on_long_prompt: str = "error",
 ) -> tuple[list[Prompt], int]:
-    """Read, render and tokenize a prompt file. Returns ``(prompts, number_skipped_as_too_long)``."""
-    path = resolve_data_path(source)
+    """Read, render and tokenize a prompt source. Returns ``(prompts, number_skipped_as_too_long)``."""
     templated = use_chat_template(chat_template, tokenizer)
+    rows = read_rows(source, field=field, messages_field=messages_field)
     prompts: list[Prompt] = []
     skipped = 0
-    for line_number, row in read_jsonl(path):
-        where = f"{path}:{line_number}"
-        text, from_messages = _prompt_text(row, field, where)
+    for where, row in rows:
+        text, from_messages = _prompt_text(row, field, messages_field, where)
         if from_messages or templated:
-            messages = row["messages"] if from_messages else [{"role": "user", "content": text}]
+            messages = row[messages_field] if from_messages else [{"role": "user", "content": text}]
             text = _render_chat(tokenizer, messages, where)
             token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
@@ -95,27 +58,27 @@ def load_prompts(
                 f"{where}: prompt is {len(token_ids)} tokens, over the limit of {max_prompt_tokens} ({limit}); "
                 "set data.on_long_prompt: skip to drop such prompts"
             )
-        extra = {k: v for k, v in row.items() if k not in (field, "messages")}
+        extra = {k: v for k, v in row.items() if k not in (field, messages_field)}
         prompts.append(Prompt(index=len(prompts), text=text, token_ids=tuple(token_ids), extra=extra))
     if not prompts:
-        raise DataError(f"{path}: every prompt was skipped as too long")
+        raise DataError(f"{resolve_data_path(source)}: every prompt was skipped as too long")
     return prompts, skipped
 
 
-def _prompt_text(row: dict[str, Any], field: str, where: str) -> tuple[str, bool]:
+def _prompt_text(row: dict[str, Any], field: str, messages_field: str, where: str) -> tuple[str, bool]:
     if field in row:
         value = row[field]
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: field {field!r} must be a non-empty string")
         return value, False
-    if "messages" in row:
-        messages = row["messages"]
+    if messages_field in row:
+        messages = row[messages_field]
         if not (isinstance(messages, list) and messages and all(_is_message(m) for m in messages)):
-            raise DataError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+            raise DataError(f"{where}: field {messages_field!r} must be a list of {{role, content}} objects")
         for index, message in enumerate(messages):
-            message["content"] = _message_text(message["content"], f"{where}: messages[{index}].content")
+            message["content"] = _message_text(message["content"], f"{where}: {messages_field}[{index}].content")
         return "", True
-    raise DataError(f"{where}: missing field {field!r} (or a 'messages' list)")
+    raise DataError(f"{where}: missing field {field!r} (or a {messages_field!r} list)")
 
 
 def _is_message(message: Any) -> bool:

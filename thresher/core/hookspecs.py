@@ -41,5 +41,11 @@ def register_losses(register: Register) -> None:
 
 
 @hookspec
+def register_loggers(register: Register) -> None:
+    """Register Logger classes (receive every metrics record: TensorBoard, W&B, MLflow, …) by calling
+    ``register(cls)``."""
+
+
+@hookspec
 def register_commands(app: Any) -> None:
     """Add sub-commands to the ``thresher`` typer app."""

@@ -22,7 +22,7 @@ from thresher.core.components import Components
 from thresher.core.errors import OutputError
 from thresher.core.interrupt import StopRequested
 from thresher.core.phases import EarlyStop
-from thresher.core.run.metrics import MetricsWriter, NullWriter
+from thresher.core.run.loggers import open_loggers
 from thresher.core.run.records import rollout_record, step_statistics
 from thresher.core.training.memory import peak_memory
 
@@ -30,7 +30,7 @@ from thresher.core.training.memory import peak_memory
 def train(run: Components) -> list[dict[str, Any]]:
     """Train for ``rs.max_steps`` global steps (from where a resumed run stopped); the step metrics."""
     rs, progress = run.config.rs, run.progress
-    metrics = MetricsWriter(run.run_dir.metrics) if run.dist.is_main else NullWriter()
+    metrics = run.loggers = open_loggers(run)
     try:
         with run.interrupts:
             try:
@@ -64,6 +64,7 @@ def train(run: Components) -> list[dict[str, Any]]:
         if run.config.output.save_final:
             phases.save_final(run)
     finally:
+        run.loggers = None
         metrics.close()
         run.reporter.done()
     run.reporter.curve(progress.history, progress.validation_history)

@@ -19,6 +19,7 @@ import torch
 
 from thresher.core.checks import as_scored, call_selector, check_generated
 from thresher.core.components import Components
+from thresher.core.config.resolve import resolve_config
 from thresher.core.errors import ScorerError, ScoringInterrupted, ThresherError
 from thresher.core.faults import failpoint
 from thresher.core.interrupt import StopRequested
@@ -30,7 +31,7 @@ from thresher.core.run.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from thresher.core.run.metrics import MetricsWriter
+from thresher.core.run.loggers import NoLoggers, RunLoggers
 from thresher.core.run.records import ScoredStep, rollout_record
 from thresher.core.selection import diversity, duplicate_mask
 from thresher.core.training.lora import load_adapters, merged_state_dict
@@ -231,6 +232,8 @@ def write_rollouts(run: Components, step: int, scored: ScoredStep) -> None:
         for i, r in enumerate(scored.rollouts)
     ]
     run.run_dir.write_rollouts(step, rows)
+    if run.loggers is not None:
+        run.loggers.log_rollouts(step, rows)
 
 
 # --- train and refresh ----------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def validated(run: Components, step: int) -> bool:
     return any(record.get("step") == step for record in run.progress.validation_history)
 
 
-def validate(run: Components, step: int, metrics: MetricsWriter) -> None:
+def validate(run: Components, step: int, metrics: RunLoggers | NoLoggers) -> None:
     """Greedy (and sampled) answers to the held-out prompts, scored by the training scorer and,
     if configured, by a separate ``validation_scorer`` that catches over-optimisation."""
     run.reporter.phase(f"validating on {len(run.val_prompts)} prompts")
@@ -367,6 +370,15 @@ def checkpoint(run: Components, step: int) -> None:
     failpoint("checkpointed", step)
 
 
+def _with_defaults(saved: dict[str, Any], run: Components) -> dict[str, Any]:
+    """The checkpoint's config with every field it lacks at its default: a run saved before a field
+    existed ran as that default does, so resuming it with the default is no change."""
+    try:
+        return resolve_config(saved, run.registry).to_dict()
+    except ThresherError:  # no longer valid (a renamed option): compare what was written
+        return saved
+
+
 def resume_point(run: Components, resume: str | bool) -> Path:
     """The checkpoint to resume from (the newest undamaged one for ``--resume``), checked against
     this config and world size before anything is loaded or written."""
@@ -385,7 +397,7 @@ def resume_point(run: Components, resume: str | bool) -> Path:
         if problem is not None:
             raise ThresherError(f"--resume-from: checkpoint {path} is damaged ({problem})")
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    check_resume_compatible(saved["config"], run.config.to_dict(), path)
+    check_resume_compatible(_with_defaults(saved["config"], run), run.config.to_dict(), path)
     if int(saved.get("world_size", 1)) != run.dist.world_size:
         raise ConfigError(
             [

@@ -22,12 +22,15 @@ from thresher.core import hookspecs
 from thresher.core.errors import PluginError
 from thresher.core.types import KIND_PROTOCOLS
 
-KINDS: tuple[str, ...] = ("generator", "scorer", "selector", "loss")
+# The four stages of a step (one config section each), then loggers (a ``loggers:`` list).
+PIPELINE_KINDS: tuple[str, ...] = ("generator", "scorer", "selector", "loss")
+KINDS: tuple[str, ...] = (*PIPELINE_KINDS, "logger")
 HOOK_FOR_KIND = {
     "generator": "register_generators",
     "scorer": "register_scorers",
     "selector": "register_selectors",
     "loss": "register_losses",
+    "logger": "register_loggers",
 }
 HOOK_NAMES = frozenset({*HOOK_FOR_KIND.values(), "register_commands"})
 DEFAULT_PLUGINS: tuple[str, ...] = ("thresher.plugins.builtin",)
@@ -131,7 +134,7 @@ _REGISTERED: dict[tuple[str, str], type] = {}
 def register(cls: type, kind: str | None = None) -> type:
     """Make a plugin class available to runs in this process, as if a package registered it.
 
-    ``kind`` (generator, scorer, selector, loss) is inferred from the class's methods when only one
+    ``kind`` (generator, scorer, selector, loss, logger) is inferred from the class's methods when only one
     kind fits. Registering a class again under its name replaces the earlier in-process one (a
     notebook cell run twice); a name a built-in or installed plugin already has is an error when a
     registry is built. Returns the class, so it also works as a decorator.
@@ -182,6 +185,10 @@ class _InProcess:
     @hookspecs.hookimpl
     def register_losses(self, register: hookspecs.Register) -> None:
         self._register("loss", register)
+
+    @hookspecs.hookimpl
+    def register_loggers(self, register: hookspecs.Register) -> None:
+        self._register("logger", register)
 
 
 @dataclass

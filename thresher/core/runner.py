@@ -292,6 +292,7 @@ class Run:
             source,
             self.parts.tokenizer,
             field=data.field,
+            messages_field=data.messages_field,
             chat_template=data.chat_template,
             max_prompt_tokens=limit,
             limit_name=limit_name,

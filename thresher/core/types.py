@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
@@ -63,6 +64,10 @@ class PluginContext:
     should_stop: Callable[[], bool] = lambda: False
     # The plugin registry, for plugins built from other plugins' sections (a selector chain).
     registry: Any = None
+    # Loggers: the run directory (where a logger may write its files) and the step a resumed run
+    # continues after (0 for a fresh run): records of later steps written before were discarded.
+    run_dir: Path | None = None
+    resumed_step: int = 0
 
 
 class Plugin(Protocol):
@@ -146,7 +151,28 @@ class Loss(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+@runtime_checkable
+class Logger(Protocol):
+    """Receives every record ``metrics.jsonl`` gets (train steps, validations, stops), on the main
+    process only, in order. Each record has ``kind``, ``step`` and the wall-clock ``time``; a value
+    is None where it is undefined that step. ``close`` is called once, at the end of the run."""
+
+    name: ClassVar[str]
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 # --- optional capabilities: a plugin has them or not; the engine asks with isinstance() -------------
+
+
+@runtime_checkable
+class LogsRollouts(Protocol):
+    """A logger that also gets each step's rollouts, as the rows of ``rollouts/step_N.jsonl``
+    (prompt, response, reward, kept, finish_reason, …), before that step's metrics record."""
+
+    def log_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None: ...
 
 
 @runtime_checkable
@@ -188,4 +214,5 @@ KIND_PROTOCOLS: dict[str, type] = {
     "scorer": Scorer,
     "selector": Selector,
     "loss": Loss,
+    "logger": Logger,
 }

@@ -11,6 +11,8 @@ from typing import Any
 from thresher.core.hookspecs import Register, hookimpl
 from thresher.generators.hf import HFGenerator
 from thresher.generators.vllm import VLLMGenerator
+from thresher.loggers.jsonl import JsonlLogger
+from thresher.loggers.tensorboard import TensorBoardLogger
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 from thresher.scorers.combine import CombineScorer
 from thresher.scorers.local import LocalRewardModelScorer
@@ -51,6 +53,12 @@ def register_selectors(register: Register) -> None:
 @hookimpl(tryfirst=True)
 def register_losses(register: Register) -> None:
     register(MaskedMeanLogprobLoss)
+
+
+@hookimpl(tryfirst=True)
+def register_loggers(register: Register) -> None:
+    register(JsonlLogger)
+    register(TensorBoardLogger)
 
 
 @hookimpl

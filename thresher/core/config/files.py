@@ -12,7 +12,7 @@ import yaml
 from thresher.core.config.resolve import resolve_config
 from thresher.core.config.schema import PRESETS_DIR, RunConfig
 from thresher.core.errors import ConfigError
-from thresher.core.registry import KINDS, Registry
+from thresher.core.registry import PIPELINE_KINDS, Registry
 
 
 def preset_names() -> list[str]:
@@ -130,7 +130,7 @@ def _type_overrides(overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if sep and len(parts) == 2 and parts[0] in KINDS and parts[1] == "type":
+        if sep and len(parts) == 2 and parts[0] in PIPELINE_KINDS and parts[1] == "type":
             found[parts[0]] = text.strip()
     return found
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from thresher.core.config.schema import FRAMEWORK_OPTIONS, PluginSpec, RunConfig
 from thresher.core.errors import ConfigError
-from thresher.core.registry import KINDS, Registry
+from thresher.core.registry import PIPELINE_KINDS, Registry
 
 PLUGIN_DEFAULTS: dict[str, str | None] = {
     "generator": "hf",
@@ -28,7 +28,7 @@ def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
         raise ConfigError([f"config: expected a mapping of sections, got {type(raw).__name__}"])
     raw = copy.deepcopy(raw)
     problems: list[str] = []
-    for kind in KINDS:
+    for kind in PIPELINE_KINDS:
         section = raw.get(kind)
         if section is None and PLUGIN_DEFAULTS[kind] is not None:
             section = {"type": PLUGIN_DEFAULTS[kind]}
@@ -46,14 +46,37 @@ def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
         raw["validation_scorer"] = spec
         if spec is None:
             raw.pop("validation_scorer")
+    if "loggers" in raw:
+        raw["loggers"] = _resolve_loggers(raw["loggers"], registry, problems)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_format_errors(err, skip_missing={*KINDS, "validation_scorer"}))
+        problems.extend(_format_errors(err, skip_missing={*PIPELINE_KINDS, "validation_scorer"}))
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _resolve_loggers(sections: Any, registry: Registry, problems: list[str]) -> list[PluginSpec]:
+    """``loggers: [{type: tensorboard}, …]``: each section validated like a top-level one; a logger
+    named twice is an error (both would write the same files)."""
+    if sections is None:
+        return []
+    if not isinstance(sections, list):
+        problems.append(f"loggers: expected a list like [{{type: tensorboard}}], got {type(sections).__name__}")
+        return []
+    specs, seen = [], set()
+    for i, section in enumerate(sections):
+        spec = _resolve_plugin_section("logger", section, registry, problems, f"loggers[{i}]")
+        if spec is None:
+            continue
+        if spec.type in seen:
+            problems.append(f"loggers[{i}].type: {spec.type!r} is listed twice")
+            continue
+        seen.add(spec.type)
+        specs.append(spec)
+    return specs
 
 
 def resolve_plugin_section(kind: str, section: Any, registry: Registry, where: str | None = None) -> PluginSpec:

@@ -61,9 +61,16 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(..., description="JSONL prompt file for training (builtin:NAME for a shipped set).")
-    validation: str | None = Field(None, description="JSONL prompt file for validation.")
-    field: str = Field("prompt", description="Field holding the prompt text (or use a `messages` list).")
+    train: str = Field(
+        ...,
+        description="Training prompts: a .jsonl, .csv or .parquet file, a directory saved by `datasets` "
+        "(DIR:SPLIT for a DatasetDict), or builtin:NAME for a shipped set.",
+    )
+    validation: str | None = Field(None, description="Validation prompts, in any format `train` accepts.")
+    field: str = Field("prompt", description="Field (column) holding the prompt text.")
+    messages_field: str = Field(
+        "messages", description="Field (column) holding a chat as a list of {role, content}; JSON text in CSV."
+    )
     chat_template: Literal["auto", "always", "never"] = Field(
         "auto",
         description="Render prompts with the tokenizer's chat template: 'auto' does so when the "
@@ -251,6 +258,8 @@ class RunConfig(Section):
     validation_scorer: PluginSpec | None = None
     guardrails: GuardrailsConfig = GuardrailsConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # Where else the metrics go (metrics.jsonl always): [{type: tensorboard}], a team's W&B plugin…
+    loggers: list[PluginSpec] = []
     # Where the config came from ("preset:tiny", "file:/abs/run.yaml", "" for data): a preset with
     # output.overwrite may only replace runs of the same preset.
     _origin: str = PrivateAttr("")
@@ -277,6 +286,9 @@ class RunConfig(Section):
             value = getattr(self, name)
             if isinstance(value, PluginSpec):
                 out[name] = value.to_section()
+            elif name == "loggers":
+                if value:
+                    out[name] = [spec.to_section() for spec in value]
             elif value is not None:
                 out[name] = value.model_dump(mode="json")
         return out

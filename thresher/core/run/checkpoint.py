@@ -58,6 +58,7 @@ RESUME_MAY_CHANGE = (
     "model.device",
     "model.threads",
     "data.validation",
+    "loggers",
     "output.",
     "distributed.",
 )

@@ -27,7 +27,12 @@ MARKER = ".thresher-run"  # JSON written into every run directory Thresher creat
 LOCK = ".thresher.lock"  # flock()ed by the process that owns the run (released when it exits)
 # What a run writes at the top of its directory; ``overwrite`` removes these and nothing else.
 OUTPUT_FILES = ("metrics.jsonl", "config.yaml", "memory_plan.txt")
-OUTPUT_DIRS = {"rollouts": "step_*.jsonl", "checkpoints": "step_*", "final": "*"}
+OUTPUT_DIRS = {
+    "rollouts": "step_*.jsonl",
+    "checkpoints": "step_*",
+    "final": "*",
+    "tensorboard": "events.out.tfevents.*",  # the tensorboard logger's
+}
 
 
 class RunDir:

@@ -1,0 +1,91 @@
+"""Every metrics record to every logger: ``metrics.jsonl`` first, then the configured ``loggers:``.
+
+``metrics.jsonl`` is the run's own record, so a failure to write it stops the run (one line naming
+the file). Any other logger failing (a full disk under ``tensorboard/``, a tracking server gone) is
+reported once and switched off: hours of training are never lost to a dashboard.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from thresher.core.build import instantiate
+from thresher.core.components import Components
+from thresher.core.types import Logger, LogsRollouts, PluginContext
+from thresher.loggers.jsonl import JsonlLogger
+
+
+class RunLoggers:
+    """The loggers of one run (main process only): ``write`` a record, ``log_rollouts`` of a step."""
+
+    def __init__(self, primary: Logger, others: list[Logger], warn: Any):
+        self.primary = primary
+        self.others = others
+        self.warn = warn  # one line to the user, e.g. ConsoleReporter.info
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {**record, "time": record.get("time", time.time())}  # every logger sees the same time
+        self.primary.log(record)
+        self._each("log", lambda logger: logger.log(record))
+
+    def log_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self._each("log_rollouts", lambda logger: logger.log_rollouts(step, rows), LogsRollouts)
+
+    def close(self) -> None:
+        try:
+            self._each("close", lambda logger: logger.close())
+        finally:
+            self.primary.close()
+
+    def _each(self, what: str, call: Any, capability: type | None = None) -> None:
+        for logger in list(self.others):
+            if capability is not None and not isinstance(logger, capability):
+                continue
+            try:
+                call(logger)
+            except Exception as err:  # the logger's own failure: report it, train on
+                self.others.remove(logger)
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                self.warn(
+                    f"[yellow]warning:[/] logger {logger.name!r} failed in {what} ({type(err).__name__}"
+                    f"{': ' + reason if reason else ''}); it is switched off for the rest of the run"
+                )
+
+
+class NoLoggers:
+    """What processes other than the main one log to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_loggers(run: Components) -> RunLoggers | NoLoggers:
+    """``metrics.jsonl`` and the configured loggers, for the main process; nothing for the others."""
+    if not run.dist.is_main:
+        return NoLoggers()
+    context = PluginContext(
+        tokenizer=run.tokenizer,
+        device=run.device,
+        seed=run.config.rs.seed,
+        registry=run.registry,
+        run_dir=run.run_dir.path,
+        resumed_step=run.progress.start_step,
+    )
+    primary = JsonlLogger(JsonlLogger.Config(), context)
+    others: list[Logger] = []
+    try:
+        for spec in run.config.loggers:
+            if spec.type != JsonlLogger.name:  # always on already
+                others.append(instantiate(run.registry, "logger", spec, context))
+    except BaseException:
+        for logger in [*others, primary]:
+            logger.close()
+        raise
+    return RunLoggers(primary, others, run.reporter.info)

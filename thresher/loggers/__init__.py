@@ -1,0 +1,1 @@
+"""Built-in loggers: ``jsonl`` (``metrics.jsonl``, always on) and ``tensorboard``."""
