@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,10 +219,16 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path, cli):
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "train"] == [1, 2, 3]
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path, cli):
+def test_resume_without_a_run_or_a_checkpoint_says_so(tmp_path, cli):
     result = cli("train", make_config(tmp_path, "run"), "--resume")
+    assert result.exit_code == 2
+    assert f"error: --resume: {str(tmp_path / 'run')!r} holds no Thresher run to resume" in result.output
+    config = make_config(tmp_path, "run")
+    assert cli("train", config, "-q").exit_code == 0
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # a run, but its checkpoints are gone
+    result = cli("train", config, "--resume")
     assert result.exit_code == 1
-    assert f"error: --resume: no checkpoint in {tmp_path / 'run' / 'checkpoints'}" in result.output
+    assert f"error: --resume: no usable checkpoint in {tmp_path / 'run' / 'checkpoints'}\n" == result.output
 
 
 def test_checkpoints_hold_rng_data_position_and_are_pruned(tmp_path, cli):

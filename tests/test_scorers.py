@@ -8,7 +8,9 @@ import textwrap
 import pytest
 import torch
 
+from thresher.core.config.resolve import resolve_plugin_section
 from thresher.core.errors import ConfigError, ScorerError
+from thresher.core.registry import build_registry
 from thresher.core.types import Prompt, Rollout
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
@@ -105,8 +107,11 @@ def test_rule_failures_are_one_line_scorer_errors(function, message):
     ],
 )
 def test_rule_bad_function_spec_is_a_config_error(spec, message):
-    with pytest.raises(ConfigError, match=message):
-        RuleScorer(RuleScorer.Config(function=spec))
+    """Found when the config is validated, before any model is loaded."""
+    with pytest.raises(ConfigError) as err:
+        resolve_plugin_section("scorer", {"type": "rule", "function": spec}, build_registry())
+    [line] = err.value.problems
+    assert line.startswith("scorer.function: ") and message.removeprefix("scorer.function: ") in line
 
 
 def test_builtin_addition_reward():

@@ -163,7 +163,10 @@ def save_pretrained_as(model: torch.nn.Module, directory: Path, weights: dict[st
     time) and ``config.json`` saying that dtype: transformers writes the in-memory model's dtype,
     which for a bf16 policy saved from its fp32 masters would be wrong."""
     target = getattr(torch, dtype)
-    state = {k: v.detach().to("cpu", target) if v.is_floating_point() else v for k, v in weights.items()}
+    tied = _tied_aliases(model)
+    state = {
+        k: v.detach().to("cpu", target) if v.is_floating_point() else v for k, v in weights.items() if k not in tied
+    }
     previous = model.config.dtype
     model.save_pretrained(directory, state_dict=state)
     try:
@@ -171,6 +174,19 @@ def save_pretrained_as(model: torch.nn.Module, directory: Path, weights: dict[st
         model.config.save_pretrained(directory)
     finally:
         model.config.dtype = previous
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names that alias an earlier one in ``model`` (a tied LM head): saved once, as
+    transformers saves them, also when the weights come as separate copies (gathered from FSDP)."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if pointer in seen:
+            aliases.add(name)
+        seen.add(pointer)
+    return aliases
 
 
 # --- builtin:smollm2 --------------------------------------------------------------------------

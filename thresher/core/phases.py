@@ -82,10 +82,25 @@ def sample(run: Components, prompts: list[Prompt], step: int, label: str) -> Sco
         write_rollouts(run, step, ScoredStep(rollouts, None, None, None))  # nothing generated is lost
         raise
     timings["time_score"] = time.perf_counter() - timings.pop("_scoring_from")
-    if isinstance(run.scorer, ReportsMetrics):
-        timings.update({f"scorer_{k}": v for k, v in run.scorer.metrics().items()})
+    if isinstance(run.scorer, ReportsMetrics):  # each rank scored its share: combine their numbers
+        combined = over_ranks(run.dist.gather(run.scorer.metrics()))
+        timings.update({f"scorer_{k}": v for k, v in combined.items()})
     rollouts, flat, parts = _gather(run, rollouts, flat, parts, low)
     return select(run, rollouts, flat.view(len(prompts), n), step, timings, parts)
+
+
+def over_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from every rank's plugin metrics: counts (ints) are summed, other numbers averaged."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(key for metrics in per_rank for key in metrics):
+        values = [metrics[key] for metrics in per_rank if key in metrics]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values)
+        elif all(isinstance(v, int | float) for v in values):
+            out[key] = sum(values) / len(values)
+        else:
+            out[key] = values[0]
+    return out
 
 
 def select(

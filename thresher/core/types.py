@@ -188,7 +188,8 @@ class GeneratesInChunks(Protocol):
 @runtime_checkable
 class ReportsMetrics(Protocol):
     """A plugin with numbers for ``metrics.jsonl`` (prefixed with its kind: ``generator_…``,
-    ``selector_…``): called once per step."""
+    ``selector_…``): called once per step. Under torchrun a scorer's numbers from every rank (each
+    scored its share) are combined: ints (counts) summed, floats averaged."""
 
     def metrics(self) -> dict[str, float]: ...
 
