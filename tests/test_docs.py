@@ -54,6 +54,16 @@ def test_the_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 
 
+def test_every_relative_link_and_image_points_to_a_file():
+    for path in DOCS:
+        text = FENCE.sub("", path.read_text())  # links in code blocks are code, not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file = (path.parent / target.split("#")[0]).resolve()
+            assert file.exists(), f"{path.name}: {target} does not exist"
+
+
 def test_every_block_has_a_language_this_test_knows():
     for path in DOCS:
         for block in blocks(path):

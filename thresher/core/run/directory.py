@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,19 +203,11 @@ class RunDir:
     def save_final(self, model: torch.nn.Module, tokenizer: Any, weights: dict[str, torch.Tensor], dtype: str) -> None:
         """An HF ``from_pretrained`` directory of ``weights`` (the trained masters) cast to ``dtype``."""
 
-        def save() -> None:
-            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tmp-final"))
-            try:
-                save_pretrained_as(model, tmp, weights, dtype)
-                tokenizer.save_pretrained(tmp)
-                if self.final.exists():
-                    shutil.rmtree(self.final)
-                os.replace(tmp, self.final)
-                _usual_permissions(self.final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        def write(folder: Path) -> None:
+            save_pretrained_as(model, folder, weights, dtype)
+            tokenizer.save_pretrained(folder)
 
-        self.guarded(save, "final/")
+        self._replace_final(write)
 
     def save_final_adapter(
         self,
@@ -228,14 +221,22 @@ class RunDir:
         also ``final/merged/``, a plain HF model with the adapters merged in."""
         from thresher.core.training.lora import save_adapter
 
+        def write(folder: Path) -> None:
+            save_adapter(peft_model, folder, dtype)
+            tokenizer.save_pretrained(folder)
+            if merged is not None:
+                save_pretrained_as(model, folder / "merged", merged, dtype)
+                tokenizer.save_pretrained(folder / "merged")
+
+        self._replace_final(write)
+
+    def _replace_final(self, write: Callable[[Path], None]) -> None:
+        """``write`` a folder beside ``final/``, then swap it in: a crash leaves the old one or the new."""
+
         def save() -> None:
             tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tmp-final"))
             try:
-                save_adapter(peft_model, tmp, dtype)
-                tokenizer.save_pretrained(tmp)
-                if merged is not None:
-                    save_pretrained_as(model, tmp / "merged", merged, dtype)
-                    tokenizer.save_pretrained(tmp / "merged")
+                write(tmp)
                 if self.final.exists():
                     shutil.rmtree(self.final)
                 os.replace(tmp, self.final)
