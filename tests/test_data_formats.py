@@ -210,14 +210,15 @@ PARQUET_ERRORS = [
 
 
 @pytest.mark.parametrize(("rows", "message"), PARQUET_ERRORS)
-def test_bad_parquet_files_name_file_row_and_column(tmp_path, tiny_tokenizer, rows, message):
-    path = write_parquet(tmp_path / "p.parquet", rows)
-    assert error(path, tiny_tokenizer) == message.format(path=path)
-
-
-@pytest.mark.parametrize(("rows", "message"), PARQUET_ERRORS)
-def test_bad_saved_datasets_name_directory_row_and_column(tmp_path, tiny_tokenizer, rows, message):
-    path = save_dataset(tmp_path / "saved", rows)
+@pytest.mark.parametrize("store", ["parquet", "datasets"])
+def test_bad_parquet_files_and_saved_datasets_name_the_source_row_and_column(
+    tmp_path, tiny_tokenizer, rows, message, store
+):
+    write = {
+        "parquet": lambda: write_parquet(tmp_path / "p.parquet", rows),
+        "datasets": lambda: save_dataset(tmp_path / "saved", rows),
+    }
+    path = write[store]()
     assert error(path, tiny_tokenizer) == message.format(path=path)
 
 

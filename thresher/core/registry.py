@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pluggy
 from pydantic import BaseModel
@@ -162,33 +163,25 @@ def _infer_kind(cls: type) -> str:
     return fitting[0]
 
 
-class _InProcess:
-    """The pluggy plugin through which :func:`register`'s classes reach a registry."""
+def _forward_registered(kind: str) -> Callable[[Any, hookspecs.Register], None]:
+    """The ``register_<kind>s`` hook of :class:`_InProcess`: hands over this kind's registered classes."""
 
-    def _register(self, kind: str, register: hookspecs.Register) -> None:
+    @hookspecs.hookimpl
+    def hook(self: Any, register: hookspecs.Register) -> None:
         for (registered_kind, _), cls in _REGISTERED.items():
             if registered_kind == kind:
                 register(cls)
 
-    @hookspecs.hookimpl
-    def register_generators(self, register: hookspecs.Register) -> None:
-        self._register("generator", register)
+    return hook
 
-    @hookspecs.hookimpl
-    def register_scorers(self, register: hookspecs.Register) -> None:
-        self._register("scorer", register)
 
-    @hookspecs.hookimpl
-    def register_selectors(self, register: hookspecs.Register) -> None:
-        self._register("selector", register)
+class _InProcess:
+    """The pluggy plugin through which :func:`register`'s classes reach a registry (pluggy matches
+    hooks by attribute name, so each kind's hook is an attribute named after it)."""
 
-    @hookspecs.hookimpl
-    def register_losses(self, register: hookspecs.Register) -> None:
-        self._register("loss", register)
 
-    @hookspecs.hookimpl
-    def register_loggers(self, register: hookspecs.Register) -> None:
-        self._register("logger", register)
+for _kind, _hook_name in HOOK_FOR_KIND.items():
+    setattr(_InProcess, _hook_name, _forward_registered(_kind))
 
 
 @dataclass
