@@ -79,12 +79,60 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, tiny_tokenizer):
         (['{"messages": "hi"}'], r"p.jsonl:1: field 'messages' must be a list of \{role, content\} objects"),
         ([], r"p.jsonl: no prompts \(the file is empty\)"),
         ([b'{"prompt": "caf\xe9"}'], r"p.jsonl: not valid UTF-8 \(byte 15\)"),
+        # "\ud800" is valid JSON for a lone surrogate, which is not text: it used to reach the tokenizer
+        (
+            ['{"prompt": "ok"}', '{"prompt": "bad \\ud800"}'],
+            r"^\S*p.jsonl:2: field 'prompt' is not valid Unicode text: lone surrogate \\ud800 at character 4 "
+            r"\(an unpaired \\uD800-\\uDFFF escape in the file\)$",
+        ),
+        (
+            ['{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\\udfff"}]}]}'],
+            r"p.jsonl:1: field 'messages'\[0\].content\[0\].text is not valid Unicode text: lone surrogate "
+            r"\\udfff at character 1",
+        ),
+        (['{"prompt": "ok", "answer": ["7", "\\ud83d"]}'], r"p.jsonl:1: field 'answer'\[1\] is not valid Unicode"),
+        # a role no chat template knows used to be rendered silently
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}, {"role": "hacker", "content": "x"}]}'],
+            r"^\S*p.jsonl:1: messages\[1\].role 'hacker' is not a chat role; accepted: system, user, assistant, "
+            r"tool$",
+        ),
+        (
+            ['{"prompt": "ok"}', '{"messages": [{"role": "User", "content": "hi"}]}'],
+            r"p.jsonl:2: messages\[0\].role 'User' is not a chat role",
+        ),
     ],
 )
 def test_bad_prompt_files_name_file_line_and_field(tmp_path, tiny_tokenizer, lines, message):
     path = write_lines(tmp_path / "p.jsonl", lines)
     with pytest.raises(DataError, match=message):
         load_prompts(str(path), tiny_tokenizer, chat_template="never")
+
+
+def test_every_standard_chat_role_is_rendered(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    try:
+        roles = ["system", "user", "assistant", "tool", "user"]
+        messages = [{"role": role, "content": str(i)} for i, role in enumerate(roles)]
+        path = write_lines(tmp_path / "c.jsonl", [json.dumps({"messages": messages})])
+        prompts, _ = load_prompts(str(path), tiny_tokenizer)
+        assert prompts[0].text == "<system>0<user>1<assistant>2<tool>3<user>4"
+    finally:
+        tiny_tokenizer.chat_template = None
+
+
+def test_a_lone_surrogate_in_a_prompt_file_is_exit_2_naming_file_and_line(tmp_path, tiny_config, write_config, cli):
+    """It used to be a TypeError traceback from the tokenizer."""
+    path = write_lines(tmp_path / "train.jsonl", ['{"prompt": "1+1="}', '{"prompt": "2+\\ud800"}'])
+    tiny_config["data"]["train"] = str(path)
+    result = cli("train", write_config(tiny_config), "-q")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {path}:2: field 'prompt' is not valid Unicode text: lone surrogate \\ud800 at character 2 (an "
+        "unpaired \\uD800-\\uDFFF escape in the file)"
+    ]
+    assert "Traceback" not in result.output
 
 
 def test_missing_file_and_unknown_builtin(tmp_path, tiny_tokenizer):

@@ -185,6 +185,16 @@ CSV_ERRORS = [
     ("prompt,answer\n", "{path}: no prompts (the file is empty)"),
     ("\n\nquestion\nx\n", "{path}:3: no column 'prompt' (or 'messages'); columns: question"),
     ("prompt\nok\n" + "y" * 200_000 + "\n", "{path}:3: malformed CSV (field larger than field limit (131072))"),
+    # a messages cell is JSON, where "\ud800" decodes to a lone surrogate: not text, and a tokenizer TypeError
+    (
+        'prompt,messages\nok,\n,"[{""role"": ""user"", ""content"": ""a\\ud800""}]"\n',
+        "{path}:3: field 'messages'[0].content is not valid Unicode text: lone surrogate \\ud800 at character 1 "
+        "(an unpaired \\uD800-\\uDFFF escape in the file)",
+    ),
+    (
+        'messages\n"[{""role"": ""hacker"", ""content"": ""x""}]"\n',
+        "{path}:2: messages[0].role 'hacker' is not a chat role; accepted: system, user, assistant, tool",
+    ),
 ]
 
 
@@ -206,6 +216,15 @@ PARQUET_ERRORS = [
     ([{"prompt": "ok"}, {"prompt": ""}], "{path} row 1: field 'prompt' must be a non-empty string"),
     ([{"messages": "[{oops"}], "{path} row 0: column 'messages' " + BAD_JSON),
     ([{"messages": [{"role": "user"}]}], "{path} row 0: field 'messages' must be a list of {{role, content}} objects"),
+    (
+        [{"messages": '[{"role": "user", "content": "\\udc00"}]'}],
+        "{path} row 0: field 'messages'[0].content is not valid Unicode text: lone surrogate \\udc00 at character 0 "
+        "(an unpaired \\uD800-\\uDFFF escape in the file)",
+    ),
+    (
+        [{"prompt": "ok", "messages": None}, {"prompt": None, "messages": [{"role": "hacker", "content": "x"}]}],
+        "{path} row 1: messages[0].role 'hacker' is not a chat role; accepted: system, user, assistant, tool",
+    ),
 ]
 
 

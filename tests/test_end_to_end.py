@@ -248,3 +248,37 @@ def test_overlap_is_off_by_default_for_a_scorer_on_the_same_cores(tiny_config, w
     assert cli("train", write_config(tiny_config), "-q").exit_code == 0
     (m,) = [m for m in read_jsonl(Path(tiny_config["output"]["dir"]) / "metrics.jsonl") if m["kind"] == "train"]
     assert "time_score_busy" not in m  # rs.overlap_scoring: auto, and the rule scorer is not remote
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_generate_refuses_a_limit_that_is_not_a_count(limit, tiny_config, write_config, cli, tmp_path):
+    """``--limit -1`` used to produce all but one prompt (a Python slice), ``--limit 0`` all of them."""
+    out = tmp_path / "pairs.jsonl"
+    result = cli("generate", write_config(tiny_config), "--out", out, "--limit", limit, "-q")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == f"error: --limit: expected a number of prompts >= 1, got {limit}"
+    assert not out.exists()
+
+
+def test_a_limit_from_python_must_be_a_count(tiny_config):
+    from thresher.core.errors import ConfigError
+    from thresher.core.runner import Run
+
+    with Run.from_config(tiny_config, quiet=True) as run, pytest.raises(ConfigError, match=r"limit: expected a whole"):
+        run.produce("unused.jsonl", limit=0)
+
+
+def test_a_policy_with_nonfinite_weights_is_not_saved_as_final(tiny_config):
+    """Whatever made the weights NaN (a learning rate too high for the loss), final/ is never a
+    model of NaNs that loads and "works"."""
+    from thresher.core import phases
+    from thresher.core.errors import ThresherError
+    from thresher.core.runner import Run
+
+    with Run.from_config(tiny_config, quiet=True) as run:
+        run.setup(training=True)
+        with torch.no_grad():
+            next(run.model.parameters())[0, :3] = float("nan")
+        with pytest.raises(ThresherError, match=r"final model not written: 3 of \d+ weights are NaN or infinite"):
+            phases.save_final(run.parts)
+    assert not (Path(tiny_config["output"]["dir"]) / "final").exists()

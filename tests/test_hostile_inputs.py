@@ -137,6 +137,44 @@ CASES = {
         2,
         "scorer.function: cannot import module 'no_such_module_anywhere'",
     ),
+    "an infinite learning rate": (
+        lambda c, t: c["optim"].update(lr=float("inf")),
+        2,
+        "optim.lr: must be a finite number (got inf)",
+    ),
+    "a NaN reward bar": (
+        lambda c, t: c["selector"].update(min_reward=float("nan")),
+        2,
+        "selector.min_reward: must be a finite number (got nan)",
+    ),
+    "a negative AdamW beta": (
+        lambda c, t: c["optim"].update(betas=[-0.1, 0.999]),
+        2,
+        "optim.betas: each beta must be in [0, 1), got [-0.1, 0.999]",
+    ),
+    "an empty stop string": (
+        lambda c, t: c["generator"].update(stop=[""]),
+        2,
+        "generator.stop: stop[0] is empty: an empty stop string matches at once and ends every response",
+    ),
+    "z-scores over one response per prompt": (
+        lambda c, t: (c["rs"].update(num_rollouts_per_prompt=1), c["selector"].update(normalize="zscore")),
+        2,
+        "selector.normalize: 'zscore' compares the responses of each prompt, but rs.num_rollouts_per_prompt is 1",
+    ),
+    "a z-scored reward part over one response per prompt": (
+        lambda c, t: (
+            c["rs"].update(num_rollouts_per_prompt=1),
+            c.update(
+                scorer={
+                    "type": "combine",
+                    "parts": [{"name": "digits", "normalize": "zscore", "scorer": dict(c["scorer"])}],
+                }
+            ),
+        ),
+        2,
+        "scorer.parts[0].normalize: 'zscore' compares the responses of each prompt",
+    ),
     "output directory that cannot be written": (
         lambda c, t: (t.joinpath("a-file").write_text("x"), c["output"].update(dir=str(t / "a-file" / "run"))),
         4,
@@ -198,8 +236,11 @@ def test_full_disk_fails_before_generating(tiny_config, write_config, cli, full_
     assert not list((full_disk / "run" / "rollouts").iterdir())  # nothing was generated
 
 
-def test_disk_filling_up_mid_run_is_a_clean_error(tiny_config, write_config, cli, full_disk, monkeypatch):
-    # let the start-up space check pass, then run out of space for real when the checkpoint is written
+@pytest.mark.parametrize("room", [200_000, 560_000], ids=["weights do not fit", "optimizer state does not fit"])
+def test_disk_filling_up_mid_run_is_a_clean_error(tiny_config, write_config, cli, full_disk, monkeypatch, room):
+    # Let the start-up space check pass, then run out of space for real when the checkpoint is written:
+    # in safetensors' write of the weights, or in torch.save of the optimizer state (which reports it
+    # as "[enforce fail at inline_container.cc:…] unexpected pos …").
     import shutil
 
     from thresher.core.run import directory as rundir
@@ -210,11 +251,14 @@ def test_disk_filling_up_mid_run_is_a_clean_error(tiny_config, write_config, cli
     tiny_config["data"]["validation"] = None
     path = write_config(tiny_config)
     free = shutil.disk_usage(full_disk).free
-    ballast.write_bytes(b"\0" * (free - 200_000))  # room for rollouts and metrics, not a checkpoint
+    ballast.write_bytes(b"\0" * (free - room))  # room for rollouts and metrics, not a whole checkpoint
     result = cli("train", path)
     assert result.exit_code == 4
     (error,) = errors_of(result)
-    assert error.startswith("checkpoint of step 1: cannot write to") and "No space left on device" in error
+    checkpoints = full_disk / "run" / "checkpoints"
+    assert error == (
+        f"checkpoint of step 1: cannot write to {checkpoints} (no space left on device); earlier checkpoints are intact"
+    )
     assert not list((full_disk / "run" / "checkpoints").glob("step_*"))
     assert not list((full_disk / "run" / "checkpoints").glob(".tmp-*"))  # the partial write is removed
 

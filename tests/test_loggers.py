@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,7 +17,8 @@ import yaml
 
 import thresher
 from thresher.core.errors import ConfigError
-from thresher.loggers.tensorboard import scalar_tag
+from thresher.core.types import PluginContext
+from thresher.loggers.tensorboard import TensorBoardLogger, scalar_tag
 from thresher.plugin import Section
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (scripts/install.sh installs it)")
@@ -36,12 +38,14 @@ def tiny_config(run: Path, **rs) -> dict:
     return config
 
 
-def train(tmp_path: Path, config: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def train(
+    tmp_path: Path, config: dict, *args: str, env: dict | None = None, quiet: bool = True
+) -> subprocess.CompletedProcess:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return subprocess.run(
-        [sys.executable, "-m", "thresher", "train", str(path), "-q", *args], capture_output=True, text=True,
-        timeout=300, cwd=ROOT, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "thresher", "train", str(path), *(["-q"] if quiet else []), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
 
@@ -220,3 +224,86 @@ def test_a_failing_logger_is_reported_once_and_switched_off_while_training_goes_
         "for the rest of the run"
     ) in err
     assert err.count("logger 'recorder' failed") == 1
+
+
+def assert_switched_off_in_one_line(done: subprocess.CompletedProcess, folder: Path) -> None:
+    """The run went on: exit 0, no traceback (main or writer thread), one warning naming logger and folder."""
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and "Exception in thread" not in done.stderr, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "logger 'tensorboard'" in line]
+    assert len(warnings) == 1, done.stderr
+    assert warnings[0].startswith("warning: logger 'tensorboard' failed") and str(folder) in warnings[0], warnings
+    assert "switched off" in warnings[0]
+
+
+def test_a_file_named_tensorboard_switches_the_logger_off_and_training_goes_on(tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(run, max_steps=1)
+    config["loggers"] = []
+    assert train(tmp_path, config).returncode == 0
+    (run / "tensorboard").write_text("my notes, not a folder")  # a user's file where the event folder goes
+    config = tiny_config(run, max_steps=2)
+    config["output"]["overwrite"] = True
+    done = train(tmp_path, config, quiet=False)
+    assert_switched_off_in_one_line(done, run / "tensorboard")
+    assert "it is a file, not a folder" in done.stderr
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [(m["kind"], m["step"]) for m in metrics if m["kind"] != "stop"] == [
+        ("validation", 0), ("train", 1), ("train", 2), ("validation", 2)
+    ]  # fmt: skip
+    assert (run / "tensorboard").read_text() == "my notes, not a folder"  # left as it was
+    assert (run / "final").is_dir()
+
+
+def unwritable_folder(folder: Path) -> None:
+    """Make ``folder`` one where no new file can be created, also for root (whom chmod does not stop)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return
+    # root: a folder of sysfs, where the kernel refuses new files to everyone, in the folder's place.
+    target = Path("/sys/kernel")
+    try:
+        (target / "thresher-probe").open("wb").close()
+    except OSError:
+        folder.rename(folder.with_name("tensorboard.before"))
+        folder.symlink_to(target, target_is_directory=True)
+        return
+    (target / "thresher-probe").unlink()
+    pytest.skip("running as root and /sys/kernel accepts new files: no folder here refuses root's writes")
+
+
+def test_a_resume_into_an_unwritable_event_folder_switches_the_logger_off_and_training_goes_on(tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(run, max_steps=4, save_every=2, val_every=2)
+    killed = train(tmp_path, config, env={"THRESHER_FAILPOINT": "generated@4"})
+    assert killed.returncode == -9, killed.stderr
+    unwritable_folder(run / "tensorboard")
+    try:
+        done = train(tmp_path, config, "--resume", quiet=False)
+    finally:
+        if not (run / "tensorboard").is_symlink():
+            (run / "tensorboard").chmod(0o755)
+    assert_switched_off_in_one_line(done, run / "tensorboard")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics if m["kind"] == "validation"] == [0, 2, 4]
+    assert (run / "final").is_dir()
+
+
+def test_a_write_that_fails_mid_run_is_one_error_of_the_logging_call_with_no_writer_thread(tmp_path):
+    """A full disk, for root too: a file size limit (RLIMIT_FSIZE) stops the event file from growing."""
+    resource = pytest.importorskip("resource")
+    threads = threading.active_count()
+    logger = TensorBoardLogger(TensorBoardLogger.Config(), PluginContext(run_dir=tmp_path))
+    assert threading.active_count() == threads  # no background writer whose errors no caller could catch
+    logger.log({"kind": "train", "step": 1, "time": 100.0, "reward_mean": 0.5})
+    (event_file,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (event_file.stat().st_size, hard))
+    try:
+        with pytest.raises(OSError) as err:
+            logger.log({"kind": "train", "step": 2, "time": 200.0, "reward_mean": 0.75})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(err.value) == f"cannot write event files to {tmp_path / 'tensorboard'} (File too large)"
+    assert [(e.step, e.value) for e in events(tmp_path).Scalars("reward/reward_mean")] == [(1, 0.5)]

@@ -106,7 +106,7 @@ def test_a_run_that_cannot_fit_stops_before_loading_in_one_line(tmp_path, tiny_t
         [sys.executable, "-m", "thresher", "train", "tiny", "--dry-run", "--set", f"model.path={model_dir}"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
-    assert dry.returncode == 0 and "DOES NOT FIT" in dry.stdout
+    assert dry.returncode == 2 and "DOES NOT FIT" in dry.stdout  # scripts can tell it would be refused
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_tokenizer):

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,58 @@ def test_output_mistakes_and_a_missing_matplotlib(runs, tmp_path, monkeypatch):
         "thresher report needs matplotlib, which is not installed: pip install 'thresher[report]'"
     ]
     assert not (tmp_path / "r.html").exists()
+
+
+class Tags(HTMLParser):
+    """Every start tag of a page with its attributes, and the page's text as a browser would show it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_text_from_the_run_directory_is_shown_as_text_never_as_markup(tmp_path):
+    """Directory names, the selector, the stop record, metric names, prompts and responses: all can hold
+    markup (or mathtext, which matplotlib would parse) written by a model or by whoever edits a file."""
+    script, img = "<script>alert(1)</script>", '"><img src=x onerror="alert(2)">'
+    run = tmp_path / "<script>alert(1)<" / "script>x $\\foo{$ <img src=x onerror=alert(3)>"
+    (run / "rollouts").mkdir(parents=True)
+    part = f"reward_part_{script}{img}$\\bar$_mean"
+    lines = [
+        {"kind": "train", "step": 1, "time": 1.0, "reward_mean": 0.5, "reward_kept_mean": 1.0, part: 0.25},
+        {"kind": "stop", "step": script, "reason": img + " onerror=alert(4) " + script, "time": 2.0},
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run / "config.yaml").write_text(json.dumps({"selector": {"type": f"{script}{img}"}}))
+    rollout = {"step": 1, "prompt_index": script, "group": img, "sample": 0, "prompt": f"{script}{img}",
+               "response": f"{img}{script}", "finish_reason": script, "reward": 1.0, "kept": True,
+               "rewards": {f"{script}{img}": 1.0}}  # fmt: skip
+    (run / "rollouts" / "step_1.jsonl").write_text(json.dumps(rollout) + "\n")
+
+    out = tmp_path / "report.html"
+    result = invoke("report", run, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    page = out.read_text()
+    parsed = Tags()
+    parsed.feed(page)
+    assert {tag for tag, _ in parsed.tags} <= {"html", "head", "meta", "title", "style", "body", "h1", "p", "table",
+                                               "tr", "th", "td", "figure", "img", "figcaption", "a"}  # fmt: skip
+    for tag, attrs in parsed.tags:
+        assert not [name for name in attrs if name.startswith("on") or name not in ("lang", "charset", "id", "src",
+                    "alt", "href")], (tag, attrs)  # fmt: skip
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    text = "".join(parsed.text)
+    label = run.name
+    for shown in (label, str(run.resolve()), f"{script}{img}", f"stopped at step {script}: {img} onerror=alert(4)"):
+        assert shown in text, shown  # the same characters, as text
+    _, rows = read_csv(tmp_path / "report_files" / "reward_parts.csv")
+    assert list(rows[0]) == ["run", "step", part] and rows[0]["run"] == label  # the CSV holds the exact names
+    assert (tmp_path / "report_files" / "reward_parts.png").read_bytes()[:4] == b"\x89PNG"

@@ -122,6 +122,62 @@ def test_combine_config_mistakes_are_reported_with_their_paths(registry, rewards
     assert "scorer.parts.2.scorer.type: unknown scorer 'nope'" in problems or "unknown scorer 'nope'" in problems
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("change", "problems"),
+    [
+        (lambda c: c["parts"][1].update(weight=NAN), ["scorer.parts[1].weight: must be a finite number (got nan)"]),
+        (
+            lambda c: c.update(gate_threshold=INF, fail_reward=-INF),
+            [
+                "scorer.gate_threshold: must be a finite number (got inf)",
+                "scorer.fail_reward: must be a finite number (got -inf)",
+            ],
+        ),
+        (
+            lambda c: c["parts"][0].update(scorer={"type": "combine", "parts": [{**c["parts"][0], "weight": -INF}]}),
+            ["scorer.parts[0].scorer.parts[0].weight: must be a finite number (got -inf)"],
+        ),
+        (
+            lambda c: c["parts"].extend(
+                [
+                    {"name": "x", "scorer": {"type": "rule", "function": "no_module_here_xyz:f"}},
+                    {"name": "y", "scorer": {"type": "nope"}},
+                ]
+            ),
+            [
+                "scorer.parts[2].scorer.function: cannot import module 'no_module_here_xyz' (No module named "
+                "'no_module_here_xyz') (got 'no_module_here_xyz:f')",
+                "scorer.parts[3].scorer.type: unknown scorer 'nope'; available: combine, local, rule, triton",
+            ],
+        ),
+    ],
+)
+def test_combine_numbers_must_be_finite_and_each_part_is_named_by_its_place(registry, rewards_module, change, problems):
+    """A NaN weight used to pass validation and fail the first step as the scorer's fault (exit 3); a
+    part's scorer problem was named ``scorer.scorer.…`` whichever part it was."""
+    from thresher.core.errors import ConfigError
+
+    config = section("gate", rewards_module)
+    change(config)
+    with pytest.raises(ConfigError) as caught:
+        resolve_plugin_section("scorer", config, registry)
+    assert caught.value.problems == problems
+
+
+def test_a_nan_weight_is_exit_2_before_anything_runs(tiny_config, write_config, cli, rewards_module):
+    tiny_config["scorer"] = section("sum", rewards_module)
+    tiny_config["scorer"]["parts"][0]["weight"] = NAN
+    path = write_config(tiny_config)
+    for args in (("config", "validate", path), ("train", path, "-q")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "error: scorer.parts[0].weight: must be a finite number (got nan)" in result.output
+    assert not Path(tiny_config["output"]["dir"]).exists()
+
+
 class SlowRemote:
     """A remote-like scorer: 0.5 s per call, whatever it scores."""
 

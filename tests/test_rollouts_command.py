@@ -181,3 +181,57 @@ def test_mistakes_are_one_line_each(run, tmp_path):
     result = invoke("rollouts", tmp_path)
     assert result.exit_code == 2
     assert error_lines(result) == [f"{tmp_path}: no rollouts written yet (rollouts/step_N.jsonl)"]
+
+
+# Text a model (or anyone who edits a rollout file) could write to attack or fool a terminal: a title
+# change (OSC ... BEL), a screen clear, a colour, right-to-left overrides, rich markup and an emoji code.
+HOSTILE = "a\x1b]0;title\x07b\x1b[2Jc\x1b[31md\u202ee\u2066f\u200fg\x9bh\r\x00i :thumbs_up: [bold]j[/] [red]k"
+RAW = ["\x1b", "\x07", "\x9b", "\r", "\x00", "\u202e", "\u2066", "\u200f", "\ud800", "\U0001f44d"]  # 👍 last
+
+
+def shown_literally(text: str) -> str:
+    """What the terminal view must print for ``text``: each control character as its Python escape."""
+    return "".join(ch if ch in "\t\n" or (ch.isprintable() and ch not in "\u202e\u2066\u200f") else
+                   (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}") for ch in text)  # fmt: skip
+
+
+def test_every_field_is_printed_literally_with_control_characters_made_visible(tmp_path):
+    run = tmp_path / "run\x1b[2J\u202e:thumbs_up:[bold]"
+    (run / "rollouts").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    rows = [
+        {"step": 1, "prompt_index": "p" + HOSTILE, "group": "g" + HOSTILE, "sample": 0, "prompt": "P" + HOSTILE,
+         "response": "R" + HOSTILE + "\nsecond line " + HOSTILE + " \ud800", "response_ids": [1],
+         "finish_reason": "F" + HOSTILE, "reward": 0.5, "kept": True,
+         "rewards": {"N" + HOSTILE: 0.25, "other": "V" + HOSTILE}},
+        {"step": 1, "prompt_index": "p" + HOSTILE, "group": "g" + HOSTILE, "sample": 1, "prompt": "P" + HOSTILE,
+         "response": ":smile: [link=file:///etc/passwd]x[/link]", "response_ids": [2], "finish_reason": None,
+         "reward": "high" + HOSTILE, "kept": "maybe" + HOSTILE},
+        {"step": 1, "prompt_index": [7, HOSTILE], "group": {"g": HOSTILE}, "sample": 0, "prompt": "list index",
+         "response": "x", "response_ids": [3], "finish_reason": "eos", "reward": 0.0, "kept": [True]},
+    ]  # fmt: skip
+    (run / "rollouts" / "step_1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    result = invoke("rollouts", run)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert [ch for ch in RAW if ch in out] == []  # nothing the terminal would obey, no emoji put in
+    assert "\\ud800" in out  # a lone surrogate (valid in JSON) is shown, not a crash on printing
+    for text in (str(run), "p" + HOSTILE, "g" + HOSTILE, "P" + HOSTILE, "R" + HOSTILE, "second line " + HOSTILE,
+                 "F" + HOSTILE, "N" + HOSTILE, ":smile: [link=file:///etc/passwd]x[/link]"):  # fmt: skip
+        assert shown_literally(text) in out, text
+    escaped = r"a\x1b]0;title\x07b\x1b[2Jc\x1b[31md\u202ee\u2066f\u200fg\x9bh\x0d\x00i :thumbs_up: [bold]j[/]"
+    assert escaped in out  # the notation: \xNN below U+0100, \uNNNN above
+    assert "[unscored]" in out and "[kept]" in out  # a reward or kept flag that is text: no number, no mark
+
+    assert "prompt [7, " in out and "list index" in out  # an index that is not a number is shown, not a crash
+
+    data = view(run)  # the JSON stays the exact data, escapes and all
+    assert data["run"] == str(run)
+    assert [(p["prompt_index"], p["group"], p["prompt"]) for p in data["prompts"]] == [
+        ("p" + HOSTILE, "g" + HOSTILE, "P" + HOSTILE),
+        ([7, HOSTILE], {"g": HOSTILE}, "list index"),
+    ]
+    responses = [r for p in data["prompts"] for r in p["responses"]]
+    for got, row in zip(responses, rows, strict=True):
+        assert got == {k: v for k, v in row.items() if k not in ("step", "prompt_index", "group", "prompt")}

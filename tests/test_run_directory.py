@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.helpers import MEASURED
+from thresher.core.run.checkpoint import file_checksum
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = yaml.safe_load((ROOT / "thresher" / "presets" / "tiny.yaml").read_text())
@@ -204,7 +205,9 @@ def test_resumed_metrics_keep_every_validation_line(tmp_path, point):
     assert [m["step"] for m in lines(parted) if m["kind"] == "validation"] == [0, 2, 4]
 
 
-@pytest.mark.parametrize("damage", ["truncate state.json", "truncate model.safetensors", "flip a byte"])
+@pytest.mark.parametrize(
+    "damage", ["truncate state.json", "truncate model.safetensors", "flip a byte", "garbage optimizer.pt, checksummed"]
+)
 def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage):
     run = tmp_path / "run"
     config = user_config(tmp_path, run, max_steps=3, save_every=1, keep_last=3)
@@ -215,10 +218,15 @@ def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     elif damage == "truncate model.safetensors":
         data = (latest / "model.safetensors").read_bytes()
         (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "flip a byte":
         data = bytearray((latest / "model.safetensors").read_bytes())
         data[-10] ^= 0xFF
         (latest / "model.safetensors").write_bytes(bytes(data))
+    else:  # damaged before its checksum was taken: only reading it back can tell
+        (latest / "optimizer.pt").write_bytes(b"\x80\x02not a pickle at all" * 50)
+        sums = json.loads((latest / "checksums.json").read_text())
+        sums["optimizer.pt"] = file_checksum(latest / "optimizer.pt")
+        (latest / "checksums.json").write_text(json.dumps(sums))
     resumed = thresher("train", config, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "warning: checkpoint step_3 is damaged (" in resumed.stderr
@@ -255,3 +263,104 @@ def test_final_follows_the_umask_and_metrics_lines_carry_the_time(tmp_path):
     times = [m["time"] for m in read_jsonl(run / "metrics.jsonl")]
     assert started <= times[0] <= times[-1] <= time.time()
     assert load_file(run / "final" / "model.safetensors")
+
+
+def test_a_directory_without_the_marker_is_never_emptied(tmp_path):
+    """Files named like a run's (an old run, the user's own) without Thresher's marker: nothing is
+    Thresher's to delete, ``overwrite`` or not."""
+    run = tmp_path / "mine"
+    theirs = {
+        "config.yaml": "model: mine\n",
+        "checkpoints/step_1000/model.pt": "weights",
+        "final/pytorch_model.bin": "weights",
+    }
+    for name, text in theirs.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    refused = thresher("train", user_config(tmp_path, run), "--set", "output.overwrite=true")
+    assert refused.returncode == 2
+    (line,) = errors(refused)
+    assert "is not empty and is not a Thresher run directory" in line
+    assert {n: (run / n).read_text() for n in theirs} == theirs
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == sorted(
+        [*theirs, ".thresher.lock"]
+    )
+
+
+def test_overwrite_leaves_files_put_inside_thresher_folders(tmp_path):
+    """Only what the manifest says Thresher wrote goes: a note in final/, a file named like a
+    checkpoint, a file inside a checkpoint folder all stay, and final/ is rewritten around them."""
+    run = tmp_path / "run"
+    config = user_config(tmp_path, run, save_every=1, keep_last=5)
+    assert thresher("train", config, "-q").returncode == 0
+    user_files = {
+        "final/MY_README.md": "how I evaluated this",
+        "checkpoints/step_99_mine.txt": "notes",
+        "checkpoints/step_2/eval.json": "{}",
+        "rollouts/step_7.jsonl": "my own rollouts",
+    }
+    for name, text in user_files.items():
+        (run / name).write_text(text)
+    again = thresher("train", config, "--set", "rs.max_steps=1", "--set", "output.overwrite=true", "-q")
+    assert again.returncode == 0, again.stderr
+    assert {n: (run / n).read_text() for n in user_files} == user_files
+    assert (run / "final" / "model.safetensors").is_file()  # the new model, beside the user's note
+    assert sorted(p.name for p in (run / "checkpoints" / "step_2").iterdir()) == ["eval.json"]
+    assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step_1.jsonl", "step_7.jsonl"]
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"] == [1]
+    # and once more: the user's files are still not in the manifest
+    third = thresher("train", config, "--set", "rs.max_steps=1", "--set", "output.overwrite=true", "-q")
+    assert third.returncode == 0, third.stderr
+    assert {n: (run / n).read_text() for n in user_files} == user_files
+
+
+def test_pruning_old_checkpoints_leaves_a_users_file_in_one(tmp_path):
+    run = tmp_path / "run"
+    config = user_config(tmp_path, run, max_steps=2, save_every=1, keep_last=1)
+    killed = thresher("train", config, "-q", env={"THRESHER_FAILPOINT": "checkpointed@1"})
+    assert killed.returncode == -signal.SIGKILL
+    (run / "checkpoints" / "step_1" / "notes.txt").write_text("mine")
+    assert thresher("train", config, "--resume", "-q").returncode == 0
+    assert sorted(p.name for p in (run / "checkpoints" / "step_1").iterdir()) == ["notes.txt"]
+    assert (run / "checkpoints" / "step_2" / "model.safetensors").is_file()
+
+
+def test_the_run_directory_given_is_the_one_resumed_and_written(tmp_path):
+    """``cp -a runs/base runs/copy; thresher train runs/copy --resume`` continues the copy, not the
+    run whose output.dir its config recorded."""
+    import shutil
+
+    base, copy = tmp_path / "base", tmp_path / "copy"
+    assert thresher("train", user_config(tmp_path, base), "-q").returncode == 0
+    shutil.copytree(base, copy, symlinks=True)
+    (copy / ".thresher.lock").unlink()
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file() and p.name != ".thresher.lock"}
+    resumed = thresher("train", copy, "--resume", "--set", "rs.max_steps=3", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"run directory: {copy}" in resumed.stdout
+    assert [m["step"] for m in read_jsonl(copy / "metrics.jsonl") if m["kind"] == "train"] == [1, 2, 3]
+    assert (copy / "checkpoints" / "step_3").is_dir() and not (base / "checkpoints" / "step_3").exists()
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file() and p.name != ".thresher.lock"} == before
+    elsewhere = thresher("train", copy, "--resume", "--set", f"output.dir={tmp_path / 'other'}")
+    assert elsewhere.returncode == 2
+    (line,) = errors(elsewhere)
+    assert f"output.dir: {str(tmp_path / 'other')!r} is not the run directory given ({str(copy)!r})" in line
+
+
+def test_resume_from_another_runs_checkpoint_is_refused(tmp_path):
+    """Steps 1–3 here, another run's step_4: continuing would leave step 4 missing from this run's
+    metrics and rollouts (they would hold 1, 2, 3, 5)."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert thresher("train", user_config(tmp_path, mine, "a.yaml", max_steps=3), "-q").returncode == 0
+    assert thresher("train", user_config(tmp_path, other, "b.yaml", max_steps=4), "-q").returncode == 0
+    metrics = (mine / "metrics.jsonl").read_text()
+    refused = thresher(
+        "train", mine, "--resume-from", other / "checkpoints" / "step_4", "--set", "rs.max_steps=5"
+    )
+    assert refused.returncode == 2
+    (line,) = errors(refused)
+    assert f"--resume-from: {other / 'checkpoints' / 'step_4'} is not a checkpoint of {mine} (which has steps 1–3)" in (
+        line
+    )
+    assert (mine / "metrics.jsonl").read_text() == metrics
+    assert sorted(p.name for p in (mine / "rollouts").iterdir()) == ["step_1.jsonl", "step_2.jsonl", "step_3.jsonl"]

@@ -157,3 +157,39 @@ def test_rule_module_imports_from_the_working_directory(tmp_path, monkeypatch):
     scorer = RuleScorer(RuleScorer.Config(function="cwd_rewards:one"))
     assert scorer.score(rollouts([("x", None)])).tolist() == [1.0]
     sys.modules.pop("cwd_rewards", None)
+
+
+@pytest.mark.parametrize(
+    ("section", "problems"),
+    [
+        (
+            {"type": "rule", "function": f"{__name__}:only_responses", "batch_size": float("nan")},
+            ["scorer.batch_size: Input should be a finite number (got nan)"],
+        ),
+        (
+            {"type": "local", "path": "rm", "batch_size": 0, "max_length": float("inf")},
+            [
+                "scorer.batch_size: Input should be greater than or equal to 1 (got 0)",
+                "scorer.max_length: Input should be a finite number (got inf)",
+            ],
+        ),
+    ],
+)
+def test_rule_and_local_numbers_are_checked_when_the_config_is(section, problems):
+    with pytest.raises(ConfigError) as err:
+        resolve_plugin_section("scorer", section, build_registry())
+    assert err.value.problems == problems
+
+
+def test_a_truncated_reward_model_is_one_line_naming_the_file(reward_model_dir):
+    """It used to be safetensors' traceback, which names no file."""
+    path, _ = reward_model_dir
+    weights = path / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(ConfigError) as err:
+        LocalRewardModelScorer(LocalRewardModelScorer.Config(path=str(path)))
+    assert err.value.problems == [
+        f"scorer.path: {weights} is damaged or truncated (Error while deserializing header: invalid header length); "
+        "copy or download it again"
+    ]

@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from thresher.commands import err_console, user_errors
-from thresher.core.errors import ThresherError
+from thresher.core.errors import ConfigError, ThresherError
 
 DEFAULT_CONFIG = "demo"
 
@@ -101,6 +101,8 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         if dry_run:
             plan = Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=True)).plan()
             typer.echo(plan.render())
+            if not plan.fits:  # scripts can tell: the real run would be refused with the same plan
+                raise typer.Exit(ConfigError.exit_code)
             return
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             forwarded = [config, *[a for item in set_ or [] for a in ("--set", item)]]
@@ -128,6 +130,8 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         from thresher.core.console import ConsoleReporter
         from thresher.core.runner import Run
 
+        if limit is not None and limit < 1:  # a slice would quietly take all but -limit prompts, or all
+            raise ConfigError([f"--limit: expected a number of prompts >= 1, got {limit}"])
         registry = _registry(plugin_manager())
         run_config = load_config(config, set_ or [], registry)
         check_output_file(out)  # before hours of generation, not after
@@ -279,7 +283,9 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         }
         typer.echo(json.dumps(schema, indent=2))
 
-    plugin_manager().hook.register_commands(app=app)
+    from thresher.core.registry import call_plugin_hook
+
+    call_plugin_hook(plugin_manager().hook.register_commands, app=app)
     return app
 
 

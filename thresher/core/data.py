@@ -17,6 +17,11 @@ from thresher.core.datasource import read_rows, resolve_data_path
 from thresher.core.errors import DataError
 from thresher.core.types import Prompt
 
+# The roles of the OpenAI chat format that chat templates render. A template given any other role
+# either drops the message or renders it as if it were a known one, silently; a misspelt role
+# ("assitant") or a foreign one is a mistake in the file, so it is an error naming it.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
 
 def use_chat_template(mode: str, tokenizer: Any) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -42,6 +47,7 @@ def load_prompts(
     prompts: list[Prompt] = []
     skipped = 0
     for where, row in rows:
+        _check_unicode(row, where)
         text, from_messages = _prompt_text(row, field, messages_field, where)
         if from_messages or templated:
             messages = row[messages_field] if from_messages else [{"role": "user", "content": text}]
@@ -76,9 +82,49 @@ def _prompt_text(row: dict[str, Any], field: str, messages_field: str, where: st
         if not (isinstance(messages, list) and messages and all(_is_message(m) for m in messages)):
             raise DataError(f"{where}: field {messages_field!r} must be a list of {{role, content}} objects")
         for index, message in enumerate(messages):
+            if message["role"] not in CHAT_ROLES:
+                raise DataError(
+                    f"{where}: {messages_field}[{index}].role {message['role']!r} is not a chat role; "
+                    f"accepted: {', '.join(CHAT_ROLES)}"
+                )
             message["content"] = _message_text(message["content"], f"{where}: {messages_field}[{index}].content")
         return "", True
     raise DataError(f"{where}: missing field {field!r} (or a {messages_field!r} list)")
+
+
+def _check_unicode(row: dict[str, Any], where: str) -> None:
+    """JSON's ``"\\ud800"`` escape decodes to a lone surrogate, a string that is not Unicode text:
+    the tokenizer rejects it with a TypeError, and a reward function or log writer would fail on it
+    later. Found here, for every field, it is one line naming the row and the field."""
+    for name, value in row.items():
+        found = _surrogate(value, repr(name))
+        if found is not None:
+            path, position, char = found
+            raise DataError(
+                f"{where}: field {path} is not valid Unicode text: lone surrogate \\u{ord(char):04x} at "
+                f"character {position} (an unpaired \\uD800-\\uDFFF escape in the file)"
+            )
+
+
+def _surrogate(value: Any, path: str) -> tuple[str, int, str] | None:
+    """``(path, position, character)`` of the first lone surrogate in a string, list or dict value."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path, err.start, value[err.start]
+        return None
+    if isinstance(value, list):
+        items: Any = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        items = ((f"{path}.{key}" if isinstance(key, str) else f"{path}[{key!r}]", item) for key, item in value.items())
+    else:
+        return None
+    for inner, item in items:
+        found = _surrogate(item, inner)
+        if found is not None:
+            return found
+    return None
 
 
 def _is_message(message: Any) -> bool:

@@ -112,7 +112,7 @@ def _step_label(run: Components, step: int) -> str:
 def produce(run: Components, out: Path, *, limit: int | None = None, write_all: bool = False) -> dict[str, int]:
     """Best-of-N data: generate, score and select for every training prompt once; write the kept pairs
     (all rollouts with ``write_all``). The file appears under its name only when complete."""
-    prompts = run.train_prompts[:limit] if limit else run.train_prompts
+    prompts = run.train_prompts if limit is None else run.train_prompts[:limit]
     per_batch = run.config.rs.prompts_per_step
     counts = {"prompts": 0, "rollouts": 0, "kept": 0}
     tmp = out.with_name(out.name + ".partial")

@@ -15,10 +15,12 @@ import shutil
 import string
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from thresher.core.errors import ConfigError
 
@@ -140,8 +142,34 @@ def _load_local(path: str, dtype: torch.dtype) -> torch.nn.Module:
     _require_model_dir(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except SafetensorError as err:
+        raise ConfigError([damaged_weights(Path(path), "model.path", err)]) from None
+    except RuntimeError as err:  # torch.load of a cut-short pytorch_model.bin (other RuntimeErrors: bugs)
+        if "PytorchStreamReader" not in str(err):
+            raise
+        raise ConfigError([damaged_weights(Path(path), "model.path", err)]) from None
     except (OSError, ValueError) as err:
         raise ConfigError([f"model.path: cannot load {path!r} as a causal LM: {_first_line(err)}"]) from None
+
+
+def damaged_weights(directory: Path, field: str, err: BaseException) -> str:
+    """One line naming the weights file in ``directory`` that cannot be read (a download or copy cut
+    short), for the error ``err`` that loading the model raised.
+
+    Neither safetensors' message nor torch's names the file, and a sharded model has many: each
+    ``*.safetensors`` file's header is read and each ``*.bin`` file's zip index (cheap, no tensors)
+    to find the damaged one; ``err`` is quoted when no single file can be blamed.
+    """
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as problem:
+            return f"{field}: {file} is damaged or truncated ({_first_line(problem)}); copy or download it again"
+    for file in sorted(directory.glob("*.bin")):
+        if not zipfile.is_zipfile(file):  # torch.save writes a zip; a cut-short one has no index
+            return f"{field}: {file} is damaged or truncated (not a complete torch.save zip); copy or download it again"
+    return f"{field}: a weights file in {str(directory)!r} is damaged or truncated ({_first_line(err)})"
 
 
 def _first_line(err: BaseException) -> str:

@@ -9,6 +9,7 @@ returns is checked here, so a plugin's mistake is one line naming the plugin, ne
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,10 @@ from thresher.core.faults import failpoint
 from thresher.core.interrupt import StopRequested
 from thresher.core.normalize import normalize_within_prompts
 from thresher.core.run.checkpoint import (
+    STEP_DIR,
+    DamagedCheckpoint,
     check_resume_compatible,
+    checkpoint_files,
     checkpoint_problem,
     latest_valid_checkpoint,
     load_checkpoint,
@@ -118,8 +122,8 @@ def select(
     if not bool(valid.all()) and run.config.rs.on_nonfinite_reward == "error":
         write_rollouts(run, step, ScoredStep(rollouts, rewards, valid, torch.zeros_like(valid), parts=parts))
         raise ScorerError(
-            f"scorer returned {int((~valid).sum())} non-finite reward(s) at step {step} (rollouts saved; set "
-            "rs.on_nonfinite_reward=drop to skip such responses)"
+            f"scorer returned {int((~valid).sum())} non-finite reward(s) at step {step} (rollouts saved; NaN, "
+            "infinite, or beyond float32's ±3.4e38; set rs.on_nonfinite_reward=drop to skip such responses)"
         )
     dedup = run.config.selector.options.get("dedup", "none")
     duplicates = duplicate_mask(rollouts, tuple(rewards.shape), dedup)
@@ -311,6 +315,9 @@ def validate(run: Components, step: int, metrics: RunLoggers | NoLoggers) -> Non
         gathered = run.dist.gather((rollouts, rewards, heldout))
         rollouts = [r for part, _, _ in gathered for r in part]
         record[f"val_reward_{mode}"] = _mean_finite(torch.cat([g[1] for g in gathered]))
+        if run.config.data.group_field:
+            scores = torch.cat([g[1] for g in gathered])
+            record.update(group_means(rollouts, scores, run.config.data.group_field, f"val_reward_{mode}"))
         if run.validation_scorer is not None:
             record[f"val_heldout_reward_{mode}"] = _mean_finite(torch.cat([g[2] for g in gathered]))
         record[f"val_distinct_2_{mode}"] = diversity(rollouts, "")["distinct_2"]
@@ -323,6 +330,21 @@ def validate(run: Components, step: int, metrics: RunLoggers | NoLoggers) -> Non
     reason = run.guardrails.after_validation(record)
     if reason:
         raise EarlyStop(step, reason)
+
+
+def group_means(rollouts: list[Rollout], rewards: torch.Tensor, field: str, prefix: str) -> dict[str, float]:
+    """``{prefix}_{field}_{value}``: the mean reward of the prompts whose ``field`` has each value
+    (a difficulty level, a source, a language), so a mean that hides a solved and a hopeless half
+    shows both. Values are made safe for metric names (letters, digits, ``_``, ``-``, ``.``)."""
+    groups: dict[str, list[int]] = {}
+    for i, rollout in enumerate(rollouts):
+        value = rollout.prompt.extra.get(field)
+        label = "missing" if value is None else re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).strip("_") or "empty"
+        groups.setdefault(label, []).append(i)
+    return {
+        f"{prefix}_{field}_{label}": _mean_finite(rewards[torch.tensor(members)])
+        for label, members in sorted(groups.items())
+    }
 
 
 def _mean_finite(values: torch.Tensor) -> float:
@@ -377,9 +399,10 @@ def checkpoint(run: Components, step: int) -> None:
     optimizer_state = run.holder.optimizer_state(run.trainer.optimizer)  # gathered on every rank under FSDP
     weights = policy_weights(run)
     if run.dist.is_main:  # every rank holds the same weights and optimizer state
-        save_checkpoint(
+        folder = save_checkpoint(
             run.run_dir.checkpoints, step, weights, optimizer_state, state, keep_last=run.config.rs.keep_last
         )
+        run.run_dir.record(run.run_dir.checkpoints, folder, *checkpoint_files(folder))
     run.dist.barrier()
     run.progress.checkpointed_step = step
     failpoint("checkpointed", step)
@@ -411,6 +434,7 @@ def resume_point(run: Components, resume: str | bool) -> Path:
         problem = checkpoint_problem(path)
         if problem is not None:
             raise ThresherError(f"--resume-from: checkpoint {path} is damaged ({problem})")
+        _check_checkpoint_of_this_run(run, path)
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
     check_resume_compatible(_with_defaults(saved["config"], run), run.config.to_dict(), path)
     if int(saved.get("world_size", 1)) != run.dist.world_size:
@@ -423,9 +447,30 @@ def resume_point(run: Components, resume: str | bool) -> Path:
     return path
 
 
-def resume(run: Components, path: Path) -> None:
-    """Load a checkpoint into the policy, optimizer, data stream, strategies and metrics history."""
-    saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
+def _check_checkpoint_of_this_run(run: Components, path: Path) -> None:
+    """A run's metrics and rollouts continue from the checkpoint's step: one of another run would
+    leave this run's history with a gap (steps 1–3, then 5) or another run's steps mixed in."""
+    from thresher.core.errors import ConfigError
+
+    if path.resolve().parent == run.run_dir.checkpoints.resolve():
+        return
+    steps = [int(r["step"]) for r in run.run_dir.read_metrics() if r.get("kind") == "train" and "step" in r]
+    if steps:
+        raise ConfigError(
+            [
+                f"--resume-from: {path} is not a checkpoint of {run.run_dir.path} (which has steps "
+                f"{min(steps)}–{max(steps)}): continuing from it would mix two runs' histories; resume from "
+                f"{run.run_dir.checkpoints}/step_N, or continue that run in its own directory"
+            ]
+        )
+
+
+def resume(run: Components, path: Path, *, fall_back: bool = False) -> None:
+    """Load a checkpoint into the policy, optimizer, data stream, strategies and metrics history.
+
+    With ``fall_back`` (``--resume``: the newest checkpoint was picked for the user), a checkpoint
+    whose files cannot be read back is reported and the one before it is loaded instead.
+    """
 
     def load_weights(state: dict[str, torch.Tensor]) -> None:
         if run.peft_model is not None:  # adapters only: the frozen base came from model.path
@@ -434,7 +479,23 @@ def resume(run: Components, path: Path) -> None:
             run.holder.load_weights(state)
         run.trainer.load_weights(state)
 
-    load_checkpoint(path, load_weights, lambda state: run.holder.load_optimizer_state(run.trainer.optimizer, state))
+    def warn(line: str) -> None:
+        run.reporter.info(f"[yellow]warning:[/] {line}")
+
+    while True:
+        try:
+            load_checkpoint(path, load_weights, lambda s: run.holder.load_optimizer_state(run.trainer.optimizer, s))
+            break
+        except DamagedCheckpoint as err:
+            if not fall_back:
+                raise
+            step = int(STEP_DIR.match(path.name).group(1)) if STEP_DIR.match(path.name) else 0
+            warn(f"checkpoint {path.name} is damaged ({str(err).partition(': ')[2]}); trying the one before it")
+            earlier = latest_valid_checkpoint(run.run_dir.checkpoints, warn, below=step)
+            if earlier is None:
+                raise ThresherError(f"--resume: no usable checkpoint in {run.run_dir.checkpoints}") from None
+            path = earlier
+    saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
     run.stream.load_state_dict(saved["data"])
     progress = run.progress
     progress.start_step = progress.completed_step = progress.checkpointed_step = int(saved["step"])
@@ -471,6 +532,14 @@ def save_final(run: Components) -> None:
     if not run.dist.is_main:
         return
     run.reporter.phase("writing final model")
+    distinct = {t.data_ptr(): t for t in weights.values() if t.is_floating_point()}.values()  # tied once
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in distinct)
+    if bad:  # a model of NaNs would load and "work"; the checkpoints of earlier steps stay for resuming
+        total = sum(t.numel() for t in distinct)
+        raise ThresherError(
+            f"final model not written: {bad} of {total} weights are NaN or infinite after training (check "
+            f"optim.lr and the loss); earlier checkpoints are in {run.run_dir.checkpoints}"
+        )
     out = run.config.output
     if run.peft_model is None:
         run.run_dir.save_final(run.model, run.tokenizer, weights, out.final_dtype)

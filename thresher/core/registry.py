@@ -20,7 +20,7 @@ import pluggy
 from pydantic import BaseModel
 
 from thresher.core import hookspecs
-from thresher.core.errors import PluginError
+from thresher.core.errors import PluginError, guard_user_code
 from thresher.core.types import KIND_PROTOCOLS
 
 # The four stages of a step (one config section each), then loggers (a ``loggers:`` list).
@@ -99,7 +99,13 @@ def _load_entrypoints(pm: pluggy.PluginManager) -> list[str]:
     for ep in found:
         where = f"plugin {ep.name!r} ({ep.value}" + (f", from {ep.dist.name}" if ep.dist else "") + ")"
         try:
-            plugin = ep.load()
+            # sys.exit() at import would end any thresher command (even `config validate`) with that
+            # status and no output; it leaves the plugin out like any other import failure.
+            with guard_user_code(lambda what: PluginError(f"its import {what}")):
+                plugin = ep.load()
+        except PluginError as err:
+            problems.append(f"{where} was not loaded: {err}")
+            continue
         except Exception as err:  # the plugin's own code failed: report it as theirs, in one line
             problems.append(f"{where} was not loaded: {type(err).__name__}: {_first_line(err)}")
             continue
@@ -226,8 +232,35 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     registry = Registry(problems=plugin_problems(pm))
     for kind in KINDS:
         hook = getattr(pm.hook, HOOK_FOR_KIND[kind])
-        hook(register=lambda cls, _kind=kind: registry.add(_kind, cls))
+        call_plugin_hook(hook, register=lambda cls, _kind=kind: registry.add(_kind, cls))
     return registry
+
+
+def call_plugin_hook(hook: Any, **kwargs: Any) -> list[Any]:
+    """Call a pluggy hook so that a plugin's ``sys.exit()`` (or its own ``KeyboardInterrupt``) in it
+    is a :class:`PluginError` naming the plugin and the hook, not the silent end of the command."""
+    culprit = ["a plugin"]
+
+    def fail(what: str) -> PluginError:
+        return PluginError(f"{culprit[0]}: its {hook.name} hook {what}")
+
+    with guard_user_code(fail):
+        try:
+            return hook(**kwargs)
+        except (SystemExit, KeyboardInterrupt) as err:
+            culprit[0] = _plugin_in_traceback(hook, err) or culprit[0]
+            raise
+
+
+def _plugin_in_traceback(hook: Any, err: BaseException) -> str | None:
+    """``plugin 'NAME'`` for the innermost hook implementation in ``err``'s traceback."""
+    owners = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in hook.get_hookimpls()}
+    found = None
+    frame = err.__traceback__
+    while frame is not None:
+        found = owners.get(frame.tb_frame.f_code, found)
+        frame = frame.tb_next
+    return f"plugin {found!r}" if found is not None else None
 
 
 def _check_plugin_class(kind: str, cls: object) -> None:

@@ -100,6 +100,8 @@ class Run:
 
     def produce(self, out: str | Path, *, limit: int | None = None, write_all: bool = False) -> dict[str, int]:
         """Best-of-N data production, no training: the kept (prompt, response) pairs as JSONL."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ConfigError([f"limit: expected a whole number of prompts >= 1 (or None for all), got {limit!r}"])
         self.setup(training=False)
         return loop.produce(self.parts, Path(out), limit=limit, write_all=write_all)
 
@@ -214,7 +216,7 @@ class Run:
             sizes = checkpoint_sizes(parts.model, parts.trainer.params, cfg.output, lora=parts.peft_model is not None)
             parts.run_dir.check_space(*sizes)
         if resume_path is not None:
-            phases.resume(parts, resume_path)
+            phases.resume(parts, resume_path, fall_back=resume is True)
         parts.reporter.done()
 
     def _prepare_directory(self, resume: bool | str) -> Path | None:

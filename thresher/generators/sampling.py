@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SamplingConfig(BaseModel):
@@ -24,6 +24,15 @@ class SamplingConfig(BaseModel):
     ignore_eos: bool = Field(
         False, description="Never stop at EOS: every response is max_new_tokens long (benchmarks of fixed length)."
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        # "" occurs in every text: each response would stop after its first token, and train on that.
+        for i, text in enumerate(value):
+            if text == "":
+                raise ValueError(f"stop[{i}] is empty: an empty stop string matches at once and ends every response")
+        return value
 
 
 def require_policy(context: Any, generator: str) -> tuple[torch.nn.Module, Any]:

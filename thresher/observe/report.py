@@ -153,7 +153,7 @@ def render_png(data: FigureData, path: Path) -> None:
                 continue
             values = [float("nan") if v is None else v for v in part.values[column]]
             ax.plot(part.steps, values, color=colours(r % 10), linestyle=LINESTYLES[s % len(LINESTYLES)],
-                    marker="o", markersize=3, label=f"{part.label} · {data.labels[column]}")  # fmt: skip
+                    marker="o", markersize=3, label=_literal(f"{part.label} · {data.labels[column]}"))  # fmt: skip
     ax.set_title(data.spec.title)
     ax.set_xlabel("step")
     ax.set_ylabel(data.spec.ylabel)
@@ -161,6 +161,12 @@ def render_png(data: FigureData, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the data
     fig.savefig(path, format="png", bbox_inches="tight")
+
+
+def _literal(text: str) -> str:
+    """``text`` for a matplotlib label, drawn as written: a run directory or a reward part named with two
+    ``$`` would otherwise be parsed as mathtext, and fail the whole report on a symbol it does not know."""
+    return text.replace("$", r"\$")
 
 
 @dataclass

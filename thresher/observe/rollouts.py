@@ -9,19 +9,23 @@ the responses containing it do), then ``--best K`` / ``--worst K`` per prompt am
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
+from rich.text import Text
 
 from thresher.core.errors import ConfigError, DataError
 from thresher.observe.runs import check_run_dir, describe_steps, read_rollouts, rollout_steps
 
 GROUP_KEYS = ("step", "prompt", "prompt_index", "group")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # not \t or \n: a model's output may hold escapes
+# Shown escaped on the terminal: C0 controls but tab and newline (a line break starts a new output line),
+# DEL and C1 controls, the bidirectional controls (U+061C, U+200E/F, U+202A-E, U+2066-9), the line and
+# paragraph separators, and lone surrogates (which cannot be encoded to print).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,10 @@ def group_rollouts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per prompt of the step (in step order), its responses sorted by reward, highest first."""
     groups: dict[tuple[Any, Any], dict[str, Any]] = {}
     for record in records:
-        key = (record.get("group"), record.get("prompt_index"))
+        group, index = record.get("group"), record.get("prompt_index")
         entry = groups.setdefault(
-            key,
-            {"prompt_index": key[1], "group": key[0], "prompt": record.get("prompt"), "rollouts": 0, "kept": 0,
+            (_hashable(group), _hashable(index)),
+            {"prompt_index": index, "group": group, "prompt": record.get("prompt"), "rollouts": 0, "kept": 0,
              "responses": []},
         )  # fmt: skip
         entry["rollouts"] += 1
@@ -94,6 +98,11 @@ def group_rollouts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for entry in ordered:
         entry["responses"].sort(key=_by_reward)
     return ordered
+
+
+def _hashable(value: Any) -> Any:
+    """A group key from any JSON value: an edited file may hold a list where a number belongs."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
 def _sortable(value: Any) -> tuple[int, Any]:
@@ -145,42 +154,69 @@ def rollouts_view(path: Path, step: int | None, filters: Filters) -> dict[str, A
     }
 
 
-def _printable(text: Any) -> str:
-    """Text for a terminal: control characters (an ANSI escape in a model's output) shown, not obeyed."""
-    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], str(text if text is not None else ""))
+def printable(value: Any) -> str:
+    """``value`` as text a terminal shows rather than obeys: each character that is not text made visible.
+
+    A rollout file holds what a model wrote (and what anyone who edited the file wrote): an ANSI escape
+    could clear the screen or retitle the window, a right-to-left override could make a response read
+    differently from what it is, a lone surrogate (valid JSON) would crash the print. Each of them is
+    shown as its Python escape (``\\x1b``, ``\\u202e``); everything else, backslashes included, is
+    printed as written. ``--json`` keeps the exact data.
+    """
+    return _CONTROL.sub(_escaped, "" if value is None else str(value))
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _parts(parts: dict[str, Any]) -> str:
-    shown = [f"{name} {'—' if not isinstance(v, int | float) else f'{v:.4g}'}" for name, v in parts.items()]
+    shown = [f"{name} {'—' if _numeric(v) is None else f'{v:.4g}'}" for name, v in parts.items()]
     return "parts: " + ", ".join(shown)
 
 
-MARKERS = {True: "[green]\\[kept][/]    ", False: "[red]\\[rejected][/]", None: "[yellow]\\[unscored][/]"}
+def _numeric(value: Any) -> float | None:
+    """A reward part as a number, or None (text, null, a bool: nothing to format as a number)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def render_lines(view: dict[str, Any]) -> list[str]:
-    """The terminal layout (rich markup; plain text when piped): each prompt once, then its responses."""
+# Padded to one width (10), so the rewards after the marks line up.
+MARKERS = {True: ("[kept]", "green"), False: ("[rejected]", "red"), None: ("[unscored]", "yellow")}
+INDENT = " " * 33  # under the response's first line
+
+
+def render_lines(view: dict[str, Any]) -> list[Text]:
+    """The terminal layout, one rich ``Text`` per line: each prompt once, then its responses.
+
+    Rich ``Text``, never a markup string: what a model wrote is printed as written, so ``[bold]`` stays
+    ``[bold]`` and ``:thumbs_up:`` is not turned into an emoji. Styles (plain text when piped) come
+    only from here, and every field read from the file goes through :func:`printable`.
+    """
     totals = view["totals"]
     lines = [
-        escape(f"{view['run']} · step {view['step']} (steps with rollouts: {describe_steps(view['steps'])}) · "
-               f"{totals['prompts']} prompts, {totals['rollouts']} rollouts, {totals['kept']} kept")
+        Text(printable(f"{view['run']} · step {view['step']} (steps with rollouts: {describe_steps(view['steps'])})"
+                       f" · {totals['prompts']} prompts, {totals['rollouts']} rollouts, {totals['kept']} kept"))
     ]  # fmt: skip
     if not view["prompts"]:
-        lines.append("no responses match")
+        lines.append(Text("no responses match"))
     for entry in view["prompts"]:
         lines += [
-            "",
-            f"[bold]prompt {escape(str(entry['prompt_index']))}[/] (group {escape(str(entry['group']))}) · "
-            f"kept {entry['kept']} of {entry['rollouts']}",
-            *(f"  {escape(line)}" for line in _printable(entry["prompt"]).split("\n")),
-        ]
+            Text(),
+            Text.assemble((f"prompt {printable(entry['prompt_index'])}", "bold"),
+                          f" (group {printable(entry['group'])}) · kept {entry['kept']} of {entry['rollouts']}"),
+            *(Text(f"  {line}") for line in printable(entry["prompt"]).split("\n")),
+        ]  # fmt: skip
         for r in entry["responses"]:
             reward = _reward(r)
             shown = "—" if reward is None else f"{reward:.4f}"
-            text = _printable(r.get("response")).split("\n")
-            marker = MARKERS.get(r.get("kept"), MARKERS[None])
-            lines.append(f"    {marker} {shown:>8}  {escape(str(r.get('finish_reason'))):<6}  {escape(text[0])}")
-            lines += [f"{' ' * 33}{escape(line)}" for line in text[1:]]
+            text = printable(r.get("response")).split("\n")
+            kept = r.get("kept")
+            mark, style = MARKERS[kept if isinstance(kept, bool) else None]  # anything else in the file: unscored
+            finish = printable(r.get("finish_reason")) or "—"
+            padding = " " * (10 - len(mark))
+            lines.append(Text.assemble("    ", (mark, style), f"{padding} {shown:>8}  {finish:<6}  {text[0]}"))
+            lines += [Text(f"{INDENT}{line}") for line in text[1:]]
             if isinstance(parts := r.get("rewards"), dict) and parts:  # a combined scorer's parts
-                lines.append(f"{' ' * 33}({escape(_parts(parts))})")
+                lines.append(Text(f"{INDENT}({printable(_parts(parts))})"))
     return lines

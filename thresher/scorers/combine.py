@@ -27,15 +27,17 @@ a sign of hacking). A failing part fails the step like any scorer.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from thresher.core.build import build_nested
 from thresher.core.checks import as_rewards
 from thresher.core.config import Section
+from thresher.core.errors import ConfigError
 from thresher.core.nested import ScorerSection
 from thresher.core.normalize import zscore_within_groups
 from thresher.core.types import PartRewards, PluginContext, Rollout, is_remote
@@ -57,6 +59,29 @@ class CombineScorer:
         gate_threshold: float = Field(0.5, description="gate: the first part passes at this reward or above.")
         fail_reward: float = Field(0.0, description="gate: the reward of a response that fails the first part.")
 
+        @field_validator("parts", mode="before")
+        @classmethod
+        def _each_part_at_its_place(cls, value: Any, info: ValidationInfo) -> Any:
+            """Validate each part with its own place as the context's ``where``: a problem in a part's
+            scorer then names ``scorer.parts[1].scorer.function`` (validated as one, every part's scorer
+            would be ``scorer.scorer``), and every bad part is reported at once."""
+            context = info.context
+            if not isinstance(value, list) or not context or "registry" not in context:
+                return value  # no registry: nested sections are only checked for their shape
+            where = context.get("where", "scorer")
+            parts: list[Any] = []
+            problems: list[str] = []
+            for i, item in enumerate(value):
+                try:
+                    parts.append(Part.model_validate(item, context={**context, "where": f"{where}.parts[{i}]"}))
+                except ConfigError as err:  # its scorer section's own problems, with their full paths
+                    problems.extend(err.problems)
+                except ValidationError:  # validated again with the list, where pydantic locates the error
+                    parts.append(item)
+            if problems:
+                raise ConfigError(problems)
+            return parts
+
         @model_validator(mode="after")
         def _distinct_names(self) -> CombineScorer.Config:
             names = [part.name for part in self.parts]
@@ -65,6 +90,23 @@ class CombineScorer:
                 raise ValueError(f"parts: each name once; repeated: {', '.join(repeated)}")
             if self.mode == "gate" and len(self.parts) < 2:
                 raise ValueError("mode gate needs the verifier and at least one other part")
+            return self
+
+        @model_validator(mode="after")
+        def _finite_numbers(self, info: ValidationInfo) -> CombineScorer.Config:
+            """A NaN or infinite weight, threshold or fail reward makes every reward non-finite (or
+            every gate shut), which the run would then blame on the scorer (exit 3) at its first
+            step: a config error, found when the config is checked, naming the field."""
+            where = (info.context or {}).get("where", "scorer")
+            numbers = [(f"parts[{i}].weight", part.weight) for i, part in enumerate(self.parts)]
+            numbers += [("gate_threshold", self.gate_threshold), ("fail_reward", self.fail_reward)]
+            problems = [
+                f"{where}.{name}: must be a finite number (got {value})"
+                for name, value in numbers
+                if not math.isfinite(value)
+            ]
+            if problems:
+                raise ConfigError(problems)  # resolve_plugin_section reports these lines as they are
             return self
 
     def __init__(self, config: Config, context: PluginContext):

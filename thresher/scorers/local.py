@@ -15,9 +15,10 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 
 from thresher.core.errors import ConfigError
-from thresher.core.model import DTYPES, resolve_device
+from thresher.core.model import DTYPES, damaged_weights, resolve_device
 from thresher.core.types import PluginContext, Rollout
 
 
@@ -68,6 +69,12 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[to
     try:
         model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except SafetensorError as err:  # a weights file cut short: name it, not safetensors' traceback
+        raise ConfigError([damaged_weights(directory, "scorer.path", err)]) from None
+    except RuntimeError as err:  # torch.load of a cut-short pytorch_model.bin (other RuntimeErrors: bugs)
+        if "PytorchStreamReader" not in str(err):
+            raise
+        raise ConfigError([damaged_weights(directory, "scorer.path", err)]) from None
     except (OSError, ValueError) as err:
         raise ConfigError([f"scorer.path: cannot load {path!r} as a reward model: {err}"]) from None
     if tokenizer.pad_token_id is None:

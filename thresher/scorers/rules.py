@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from thresher.core.errors import ConfigError, ScorerError
+from thresher.core.errors import ConfigError, ScorerError, guard_user_code
 from thresher.core.types import PluginContext, Rollout
 
 
@@ -71,12 +71,13 @@ class RuleScorer:
 
     def _score_batch(self, batch: list[Rollout], fields: list[str]) -> list[float]:
         kwargs = select_kwargs(self.function, rule_arguments(batch, fields))
-        try:
-            result = self.function(**kwargs)
-        except Exception as err:  # the user's code: report it as theirs, in one line
-            raise ScorerError(f"{self.label} raised {type(err).__name__}: {err}") from err
-        except SystemExit as err:  # sys.exit() in a reward is a failing reward, not the end of the run
-            raise ScorerError(f"{self.label} called sys.exit({err.code!r})") from None
+        # sys.exit() or a KeyboardInterrupt of its own in a reward is a failing reward, not the end of
+        # the run: a ScorerError, after which the step's rollouts are still written.
+        with guard_user_code(lambda what: ScorerError(f"{self.label} {what}")):
+            try:
+                result = self.function(**kwargs)
+            except Exception as err:  # the user's code: report it as theirs, in one line
+                raise ScorerError(f"{self.label} raised {type(err).__name__}: {err}") from err
         return check_rewards(result, len(batch), self.label)
 
     def close(self) -> None:
@@ -129,12 +130,19 @@ def check_rewards(result: Any, expected: int, label: str) -> list[float]:
 def load_callable(spec: str, field: str) -> Callable[..., Any]:
     """Import ``module:attr`` or ``path/to/file.py:attr``; failures name the config field."""
     target, _, attr = spec.rpartition(":")
-    try:
-        module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
-    except FileNotFoundError:
-        raise ConfigError([f"{field}: file {target!r} not found"]) from None
-    except ImportError as err:
-        raise ConfigError([f"{field}: cannot import module {target!r} ({err})"]) from None
+    # Importing runs the module's top level: sys.exit() there would end `thresher train` with status
+    # 0 and nothing trained, and any other error would be a traceback. Both are config errors.
+    if target.endswith(".py") and not Path(target).is_file():
+        raise ConfigError([f"{field}: file {target!r} not found"])
+    with guard_user_code(lambda what: ConfigError([f"{field}: importing module {target!r} {what}"])):
+        try:
+            module = _import_file(Path(target)) if target.endswith(".py") else importlib.import_module(target)
+        except ImportError as err:
+            raise ConfigError([f"{field}: cannot import module {target!r} ({err})"]) from None
+        except Exception as err:  # the module's own code failed at import: report it as theirs
+            raise ConfigError(
+                [f"{field}: importing module {target!r} raised {type(err).__name__}: {_first_line(err)}"]
+            ) from None
     function = getattr(module, attr, None)
     if function is None:
         raise ConfigError([f"{field}: module {target!r} has no attribute {attr!r}"])
@@ -144,12 +152,19 @@ def load_callable(spec: str, field: str) -> Callable[..., Any]:
 
 
 def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(path)
     name = f"thresher_rule_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:  # a half-run module is not left behind for the next import to find
+        sys.modules.pop(name, None)
+        raise
     return module
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

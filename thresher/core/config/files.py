@@ -136,10 +136,34 @@ def _type_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def load_config(source: str | Path, overrides: list[str], registry: Registry) -> RunConfig:
-    """File (or preset) + CLI overrides → validated :class:`RunConfig`."""
-    config = resolve_config(apply_overrides(read_config_file(source), overrides), registry)
+    """File (or preset) + CLI overrides → validated :class:`RunConfig`.
+
+    A run directory as the source (``thresher train runs/copy --resume``) is the directory the run
+    writes, whatever ``output.dir`` its config recorded (a copied run would otherwise resume, and
+    write into, the original).
+    """
+    raw = read_config_file(source)
+    run_dir = run_directory(source)
+    if run_dir is not None:
+        output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+        raw["output"] = {**output, "dir": str(source)}
+    config = resolve_config(apply_overrides(raw, overrides), registry)
+    if run_dir is not None and Path(config.output.dir).expanduser().resolve() != run_dir.resolve():
+        raise ConfigError(
+            [
+                f"output.dir: {config.output.dir!r} is not the run directory given ({str(source)!r}); a run "
+                "directory is resumed and written in place (copy it first to continue elsewhere)"
+            ]
+        )
     config._origin = config_origin(source)
     return config
+
+
+def run_directory(source: str | Path) -> Path | None:
+    """The Thresher run directory ``source`` names, or None for a config file or preset."""
+    path = Path(str(source)).expanduser()
+    config = _config_path(str(source))
+    return path if path.is_dir() and config.parent == path else None
 
 
 def config_origin(source: str | Path) -> str:

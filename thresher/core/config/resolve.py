@@ -5,10 +5,11 @@ pass."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from thresher.core.config.schema import FRAMEWORK_OPTIONS, PluginSpec, RunConfig
 from thresher.core.errors import ConfigError
@@ -53,9 +54,55 @@ def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
     except ValidationError as err:
         problems.extend(_format_errors(err, skip_missing={*PIPELINE_KINDS, "validation_scorer"}))
         raise ConfigError(problems) from None
+    problems.extend(nonfinite_numbers(config))
+    problems.extend(undefined_normalizations(config))
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def undefined_normalizations(config: RunConfig) -> list[str]:
+    """Normalising rewards within a prompt's responses compares them with each other: with one
+    response per prompt every z-score is 0 (and every rank 0.5), so the selector would choose on
+    nothing. Refused rather than run silently."""
+    n = config.rs.num_rollouts_per_prompt
+    if n > 1:
+        return []
+    problems = []
+    mode = config.selector.options.get("normalize", "none")
+    if mode != "none":
+        problems.append(
+            f"selector.normalize: {mode!r} compares the responses of each prompt, but rs.num_rollouts_per_prompt "
+            "is 1 (every reward would become the same); use normalize: none or N >= 2"
+        )
+    for i, part in enumerate(getattr(config.scorer.config, "parts", None) or []):
+        if getattr(part, "normalize", "none") != "none":
+            problems.append(
+                f"scorer.parts[{i}].normalize: {part.normalize!r} compares the responses of each prompt, but "
+                "rs.num_rollouts_per_prompt is 1 (every reward would become 0); use normalize: none or N >= 2"
+            )
+    return problems
+
+
+def nonfinite_numbers(value: Any, where: str = "") -> list[str]:
+    """``where: must be a finite number`` for every NaN or infinity anywhere in a validated config,
+    plugin sections included: pydantic's bounds let ``.inf`` through ``gt=0`` and ``.nan`` through
+    every comparison, so ``optim.lr: .inf`` would train one step into a model of infinities."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [f"{where}: must be a finite number (got {value})"]
+    if isinstance(value, PluginSpec):
+        return nonfinite_numbers(value.config, where) + nonfinite_numbers(value.options, where)
+    if isinstance(value, BaseModel):
+        return [
+            line
+            for name in type(value).model_fields
+            for line in nonfinite_numbers(getattr(value, name), f"{where}.{name}".lstrip("."))
+        ]
+    if isinstance(value, dict):
+        return [line for key, item in value.items() for line in nonfinite_numbers(item, f"{where}.{key}")]
+    if isinstance(value, (list, tuple)):
+        return [line for i, item in enumerate(value) for line in nonfinite_numbers(item, f"{where}[{i}]")]
+    return []
 
 
 def _resolve_loggers(sections: Any, registry: Registry, problems: list[str]) -> list[PluginSpec]:

@@ -79,6 +79,11 @@ class DataConfig(Section):
     max_prompt_tokens: int | None = Field(None, ge=1, description="Longer prompts are skipped or rejected.")
     on_long_prompt: Literal["error", "skip"] = Field("error", description="What to do with a too-long prompt.")
     shuffle: bool = Field(True, description="Shuffle training prompts each epoch (seeded by rs.seed).")
+    group_field: str | None = Field(
+        None,
+        description="Field naming each prompt's group (a difficulty level, a source): validation reports the "
+        "mean reward per group as val_reward_greedy_<field>_<value> beside the overall mean.",
+    )
 
 
 class RSConfig(Section):
@@ -116,7 +121,7 @@ class RSConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decay rates, each in [0, 1).")
     eps: float = Field(1e-8, gt=0)
     schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in global steps.")
@@ -150,6 +155,14 @@ class OptimConfig(Section):
         description="Recompute each decoder layer's activations in the backward instead of keeping them "
         "(transformers' gradient checkpointing, non-reentrant): less memory per micro-batch, ~30% more compute.",
     )
+
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
 
 
 class DistributedConfig(Section):

@@ -20,6 +20,8 @@ pruned only after a new one is complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -40,6 +42,7 @@ from thresher.core.faults import failpoint
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 CHECKSUMS = "checksums.json"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
 # A full disk surfaces as OSError from Python, SafetensorError from safetensors, RuntimeError from torch.save.
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
@@ -58,6 +61,7 @@ RESUME_MAY_CHANGE = (
     "model.device",
     "model.threads",
     "data.validation",
+    "data.group_field",
     "loggers",
     "output.",
     "distributed.",
@@ -81,8 +85,8 @@ def save_checkpoint(
         weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(_untie(weights), tmp / "model.safetensors")
         failpoint("checkpoint", step)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(torch_rng_state(), tmp / "rng.pt")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(torch_rng_state(), tmp / "rng.pt")
         payload = {**state, "step": step, "rng": python_rng_state()}
         (tmp / "state.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
         sums = {path.name: file_checksum(path) for path in sorted(tmp.iterdir())}
@@ -90,19 +94,52 @@ def save_checkpoint(
         for path in tmp.iterdir():
             _fsync(path)
         if final.exists():
-            shutil.rmtree(final)
+            _clear_for_replacement(final, tmp)
         os.replace(tmp, final)
         _fsync(root)
     except WRITE_ERRORS as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(err, "strerror", None) or str(err)
+        reason = write_failure_reason(err, root)
         raise OutputError(
             f"checkpoint of step {step}: cannot write to {root} ({reason}); earlier checkpoints are intact"
         ) from None
     if keep_last is not None:
         prune(root, keep_last)
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a handle we close ourselves: on a full disk torch's writer keeps its file open until
+    # garbage collection, which holds the file system busy (and the space taken).
+    with path.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+def write_failure_reason(err: BaseException, where: Path) -> str:
+    """Why a write failed, in words: torch reports a full disk as ``[enforce fail at
+    inline_container.cc:…] unexpected pos …``, safetensors as an I/O error string."""
+    if getattr(err, "errno", None) == errno.ENOSPC or _disk_is_full(where):
+        return "no space left on device"
+    return getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+
+
+def _disk_is_full(where: Path) -> bool:
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _clear_for_replacement(old: Path, new: Path) -> None:
+    """Make room for a checkpoint written again (a resumed step): its own files go; anything else
+    that was put in the folder moves into the new one."""
+    for file in checkpoint_files(old):
+        file.unlink(missing_ok=True)
+    for leftover in sorted(old.iterdir()):
+        if not (new / leftover.name).exists():
+            os.replace(leftover, new / leftover.name)
+    old.rmdir()
 
 
 def _fsync(path: Path) -> None:
@@ -114,11 +151,27 @@ def _fsync(path: Path) -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Remove all but the ``keep_last`` newest complete checkpoints, and leftovers of crashed writes."""
+    """Remove all but the ``keep_last`` newest complete checkpoints, and leftovers of crashed writes.
+
+    Only the files a checkpoint's ``checksums.json`` lists (and that file) are removed, then the
+    folder if that emptied it: a file someone put beside them stays.
+    """
     for stale in root.glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     for _, path in sorted(complete_checkpoints(root))[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        for file in checkpoint_files(path):
+            file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()  # fails, and stays, when something not the checkpoint's is left in it
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files Thresher wrote into a checkpoint folder: those its checksums list, and the list."""
+    try:
+        names = list(json.loads((path / CHECKSUMS).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        names = list(CHECKPOINT_FILES)
+    return [path / name for name in [*names, CHECKSUMS] if "/" not in name and name not in ("..", ".")]
 
 
 def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,9 +228,12 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def latest_valid_checkpoint(root: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint whose files match their checksums; each damaged newer one is reported."""
-    for _, path in sorted(complete_checkpoints(root), reverse=True):
+def latest_valid_checkpoint(root: Path, warn: Callable[[str], None], below: int | None = None) -> Path | None:
+    """The newest checkpoint (before step ``below``) whose files match their checksums; each damaged
+    newer one is reported."""
+    for step, path in sorted(complete_checkpoints(root), reverse=True):
+        if below is not None and step >= below:
+            continue
         problem = checkpoint_problem(path)
         if problem is None:
             return path
@@ -199,12 +255,34 @@ def load_checkpoint(
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         load_weights(load_file(path / "model.safetensors"))
-        load_optimizer(torch.load(path / "optimizer.pt", weights_only=True))
-        set_torch_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ThresherError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        optimizer_state = _load_pickled(path / "optimizer.pt")
+        rng_state = _load_pickled(path / "rng.pt")
+        load_optimizer(optimizer_state)
+        set_torch_rng_state(rng_state)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise DamagedCheckpoint(f"{path}: unreadable checkpoint ({type(err).__name__}: {_first_line(err)})") from None
     set_python_rng_state(state["rng"])
     return state
+
+
+class DamagedCheckpoint(ThresherError):
+    """A checkpoint whose files cannot be read back (the run can fall back to the one before)."""
+
+
+def _load_pickled(path: Path) -> Any:
+    """``torch.load`` with ``weights_only``: a damaged or foreign file is a ValueError naming it,
+    never torch's multi-line advice to load arbitrary code with ``weights_only=False``."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError):
+        raise
+    except Exception as err:  # UnpicklingError, EOFError, KeyError…: what a damaged pickle raises
+        raise ValueError(f"{path.name} is damaged ({type(err).__name__})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # --- RNG states --------------------------------------------------------------------------------

@@ -26,14 +26,10 @@ from thresher.version import __version__
 SPACE_MARGIN = 1.1
 MARKER = ".thresher-run"  # JSON written into every run directory Thresher creates
 LOCK = ".thresher.lock"  # flock()ed by the process that owns the run (released when it exits)
-# What a run writes at the top of its directory; ``overwrite`` removes these and nothing else.
-OUTPUT_FILES = ("metrics.jsonl", "config.yaml", "memory_plan.txt")
-OUTPUT_DIRS = {
-    "rollouts": "step_*.jsonl",
-    "checkpoints": "step_*",
-    "final": "*",
-    "tensorboard": "events.out.tfevents.*",  # the tensorboard logger's
-}
+# Every file and folder Thresher wrote in the run directory, one relative path a line, appended as
+# they are written: ``overwrite`` removes exactly these and nothing else (a user's notes in final/, a
+# file named like a checkpoint, stay where they are).
+MANIFEST = ".thresher-manifest"
 
 
 class RunDir:
@@ -75,6 +71,14 @@ class RunDir:
                 raise ConfigError([f"--resume: {str(self.path)!r} holds no Thresher run to resume"])
             return
         if kind == "run" and self._has_outputs():
+            if not (self.path / MANIFEST).is_file():
+                raise ConfigError(
+                    [
+                        f"{where} holds a run written by an earlier Thresher that kept no list of its files "
+                        f"({MANIFEST}), so overwrite cannot tell them from yours: remove it yourself or choose "
+                        "another directory"
+                    ]
+                )
             previous = self.marker().get("origin", "")
             if not overwrite:
                 raise ConfigError(
@@ -93,7 +97,10 @@ class RunDir:
                 )
             self._remove_outputs()
         self.write_atomic(self.path / MARKER, json.dumps({"thresher": __version__, "origin": origin}) + "\n")
-        self.guarded(lambda: self.rollouts.mkdir(exist_ok=True), "rollouts/")
+        if not self.rollouts.exists():
+            self.guarded(lambda: self.rollouts.mkdir(), "rollouts/")
+            self.record(self.rollouts)
+        self.record(self.metrics)  # the jsonl logger appends to it from the first step on
 
     def write_config(self, config_yaml: str) -> None:
         self.write_atomic(self.path / "config.yaml", config_yaml)
@@ -129,17 +136,12 @@ class RunDir:
             self._lock_handle = None
 
     def kind(self) -> str:
-        """``empty``, ``run`` (a Thresher run directory) or ``foreign`` (anything else, left alone)."""
+        """``empty``, ``run`` (a Thresher run directory: it has the marker) or ``foreign`` (anything
+        else, left alone: without the marker nothing in it is Thresher's to touch)."""
         names = {p.name for p in self.path.iterdir()} - {LOCK, ".write-test"}
         if not names:
             return "empty"
-        if MARKER in names:
-            return "run"
-        # Runs from before the marker: nothing but the names Thresher writes, and its config or metrics.
-        ours = set(OUTPUT_FILES) | set(OUTPUT_DIRS)
-        if names <= ours and names & {"metrics.jsonl", "config.yaml"}:
-            return "run"
-        return "foreign"
+        return "run" if MARKER in names else "foreign"
 
     def marker(self) -> dict[str, Any]:
         try:
@@ -151,23 +153,46 @@ class RunDir:
         """Whether a run happened here (metrics or checkpoints), not merely started and failed."""
         return self.metrics.exists() or any(self.checkpoints.glob("step_*"))
 
+    def record(self, *paths: Path) -> None:
+        """Add ``paths`` (inside the run directory) to the manifest of what Thresher wrote."""
+        lines = "".join(f"{path.relative_to(self.path).as_posix()}\n" for path in paths)
+        if lines:
+            self.guarded(lambda: _append(self.path / MANIFEST, lines), MANIFEST)
+
+    def recorded(self) -> list[Path]:
+        """The manifest's paths that lie inside the run directory (an edited line pointing elsewhere,
+        with ``..`` or an absolute path, is ignored: it cannot make Thresher delete outside)."""
+        try:
+            lines = (self.path / MANIFEST).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return []
+        root = self.path.resolve()
+        paths = []
+        for line in dict.fromkeys(lines):
+            relative = Path(line)
+            if not line or relative.is_absolute() or ".." in relative.parts:
+                continue
+            path = self.path / relative
+            if path.parent.resolve().is_relative_to(root):  # no folder of it is a link leading out
+                paths.append(path)
+        return paths
+
     def _remove_outputs(self) -> None:
-        """Remove what a previous run wrote, by name, so nothing stale (an old checkpoint, a later
-        step's rollouts) can be mistaken for this run's; anything else in the directory stays."""
+        """Remove what a previous run wrote, as its manifest lists it, so nothing stale (an old
+        checkpoint, a later step's rollouts) can be mistaken for this run's. Files first, then each
+        listed folder that is empty by then: anything else in the directory stays."""
 
         def remove() -> None:
-            for name in OUTPUT_FILES:
-                (self.path / name).unlink(missing_ok=True)
-            for name, pattern in OUTPUT_DIRS.items():
-                folder = self.path / name
-                if not folder.is_dir():
-                    continue
-                for child in [*folder.glob(pattern), *folder.glob(".tmp-*")]:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-            for stale in self.path.glob(".tmp-final*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            recorded = self.recorded()
+            for path in recorded:
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+            for path in sorted(recorded, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                    path.rmdir()
+            for stale in [*self.path.glob(".tmp-final*"), *self.checkpoints.glob(".tmp-step_*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # half-written by Thresher: never a user's
+            (self.path / MANIFEST).unlink(missing_ok=True)
 
         self.guarded(remove, "")
 
@@ -195,6 +220,8 @@ class RunDir:
             os.replace(tmp, path)
 
         self.guarded(write, str(path.relative_to(self.path)))
+        if path.name not in (MARKER, MANIFEST):
+            self.record(path)
 
     def write_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
         text = "".join(json.dumps({"step": step, **row}) + "\n" for row in rows)
@@ -231,20 +258,41 @@ class RunDir:
         self._replace_final(write)
 
     def _replace_final(self, write: Callable[[Path], None]) -> None:
-        """``write`` a folder beside ``final/``, then swap it in: a crash leaves the old one or the new."""
+        """``write`` a folder beside ``final/``, then swap it in: a crash leaves the old one or the new.
+
+        What the old ``final/`` holds that Thresher did not write (a user's notes) moves into the new
+        one first; a name the new model also uses is refused rather than overwritten.
+        """
 
         def save() -> None:
             tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".tmp-final"))
             try:
                 write(tmp)
+                written = sorted(tmp.rglob("*"))
                 if self.final.exists():
+                    self._carry_over_user_files(tmp)
                     shutil.rmtree(self.final)
                 os.replace(tmp, self.final)
                 _usual_permissions(self.final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            self.record(self.final, *(self.final / p.relative_to(tmp) for p in written))
 
         self.guarded(save, "final/")
+
+    def _carry_over_user_files(self, new_final: Path) -> None:
+        recorded = set(self.recorded())
+        for path in sorted(self.final.rglob("*")):
+            if path in recorded or (path.is_dir() and not path.is_symlink()):
+                continue
+            target = new_final / path.relative_to(self.final)
+            if target.exists() or target.is_symlink():
+                raise OutputError(
+                    f"cannot replace {self.final}: {path.relative_to(self.final)} there is not Thresher's and the "
+                    "new model writes the same name; move it elsewhere"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Metrics lines written so far; a torn last line (the process was killed mid-write) is dropped."""
@@ -263,6 +311,13 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
         self.write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _usual_permissions(root: Path) -> None:

@@ -8,7 +8,10 @@ reported once and switched off: hours of training are never lost to a dashboard.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from thresher.core.build import instantiate
 from thresher.core.components import Components
@@ -19,11 +22,11 @@ from thresher.loggers.jsonl import JsonlLogger
 class RunLoggers:
     """The loggers of one run (main process only): ``write`` a record, ``log_rollouts`` of a step."""
 
-    def __init__(self, primary: Logger, others: list[Logger], warn: Any):
+    def __init__(self, primary: Logger, others: list[Logger], warn: Any, on_close: Any = None):
         self.primary = primary
         self.others = others
         self.warn = warn  # one line to the user, e.g. ConsoleReporter.info
-
+        self.on_close = on_close  # records the files the loggers wrote in the run directory
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, "time": record.get("time", time.time())}  # every logger sees the same time
         self.primary.log(record)
@@ -37,6 +40,8 @@ class RunLoggers:
             self._each("close", lambda logger: logger.close())
         finally:
             self.primary.close()
+            if self.on_close is not None:
+                self.on_close()
 
     def _each(self, what: str, call: Any, capability: type | None = None) -> None:
         for logger in list(self.others):
@@ -49,7 +54,7 @@ class RunLoggers:
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 self.warn(
                     f"[yellow]warning:[/] logger {logger.name!r} failed in {what} ({type(err).__name__}"
-                    f"{': ' + reason if reason else ''}); it is switched off for the rest of the run"
+                    f"{': ' + escape(reason) if reason else ''}); it is switched off for the rest of the run"
                 )
 
 
@@ -80,12 +85,42 @@ def open_loggers(run: Components) -> RunLoggers | NoLoggers:
     )
     primary = JsonlLogger(JsonlLogger.Config(), context)
     others: list[Logger] = []
+    before = _logger_files(run.run_dir.path)
     try:
         for spec in run.config.loggers:
-            if spec.type != JsonlLogger.name:  # always on already
+            if spec.type == JsonlLogger.name:  # always on already
+                continue
+            try:
                 others.append(instantiate(run.registry, "logger", spec, context))
+            except Exception as err:  # a dashboard that cannot start is no reason to lose the run
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                run.reporter.info(
+                    f"[yellow]warning:[/] logger {spec.type!r} could not start ({escape(reason)}); "
+                    "training goes on without it"
+                )
     except BaseException:
         for logger in [*others, primary]:
             logger.close()
         raise
-    return RunLoggers(primary, others, run.reporter.info)
+    # What a logger plugin writes into the run directory goes into the manifest, so that
+    # ``output.overwrite`` removes it and nothing else: the files it made on opening, and later
+    # files in the folders those went to.
+    opened = _logger_files(run.run_dir.path) - before
+    folders = {path.parent for path in opened if path.parent != run.run_dir.path}
+    run.run_dir.record(*sorted(folders), *sorted(opened))
+
+    def record_written() -> None:
+        later = {path for path in _logger_files(run.run_dir.path) - before if path.parent in folders}
+        run.run_dir.record(*sorted(later - opened))
+
+    return RunLoggers(primary, others, run.reporter.info, on_close=record_written)
+
+
+def _logger_files(root: Path) -> set[Path]:
+    """Files in the run directory outside the folders the core itself writes."""
+    core_owned = {"rollouts", "checkpoints", "final"}
+    return {
+        path
+        for path in root.rglob("*")
+        if path.relative_to(root).parts[0] not in core_owned and not path.name.startswith(".") and path.is_file()
+    }
