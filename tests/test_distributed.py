@@ -223,3 +223,83 @@ def test_fsdp_with_a_bf16_policy_trains_fp32_masters_like_one_process(tmp_path):
     for name, tensor in finals["one"].items():
         assert tensor.dtype == finals["fsdp"][name].dtype == torch.float32
         torch.testing.assert_close(finals["fsdp"][name], tensor, atol=TOLERANCE, rtol=0)  # measured: 2.4e-7
+
+
+# --- gradient clipping: the same bits whether the gradients are whole or FSDP shards (issue #21) -----
+
+CLIP_SHAPES = [(101, 64), (64,), (128, 64), (7, 3), (1, 5)]  # uneven shards, and rank 1 holding none
+
+
+def clip_inputs(seed: int) -> list[torch.Tensor]:
+    """Gradients whose magnitudes span decades, so an fp32 norm's last bit depends on the summation order."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=generator) * torch.randn(shape, generator=generator).mul(3).exp()
+        for shape in CLIP_SHAPES
+    ]
+
+
+def whole_clip(grads: list[torch.Tensor], clip, threads: int) -> tuple[float, list[torch.Tensor]]:
+    """``clip`` on plain (unsharded) tensors, as one process or a DDP rank runs it, with ``threads`` threads."""
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = grad.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        norm = clip(params, 1.0)
+    finally:
+        torch.set_num_threads(before)
+    return float(norm), [p.grad for p in params]
+
+
+def clip_on_rank(rank: int, store: str, out: str, seeds: list[int], clip) -> None:
+    """One of two gloo ranks: clip the seeds' gradients as FSDP's shards (DTensors, Shard(0)); rank 0
+    saves the norms and the gathered clipped gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.set_num_threads(1)  # as torchrun's ranks run
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        results = []
+        for seed in seeds:
+            params = []
+            for grad in clip_inputs(seed):
+                param = torch.nn.Parameter(distribute_tensor(torch.zeros_like(grad), mesh, [Shard(0)]))
+                param.grad = distribute_tensor(grad, mesh, [Shard(0)])
+                params.append(param)
+            norm = clip(params, 1.0)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            results.append((norm, [p.grad.full_tensor() for p in params]))
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_clips(tmp_path: Path, seeds: list[int], clip) -> list[tuple[float, list[torch.Tensor]]]:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "sharded.pt"
+    mp.spawn(clip_on_rank, args=(str(tmp_path / "store"), str(out), seeds, clip), nprocs=2)
+    return torch.load(out, weights_only=True)
+
+
+def test_clipping_gives_the_same_bits_for_fsdp_shards_and_whole_gradients(tmp_path):
+    """The clip coefficient must not depend on how the sum of squares is split (FSDP's per-rank
+    partial sums, one process's whole tensors, the thread count): with torch's fp32 clip_grad_norm_
+    it differed in the last bit, the fp32 masters did after AdamW, and a bf16 policy, rounding them,
+    made the FSDP run drift from the one-process run (test_fsdp_with_a_bf16_policy_...)."""
+    from thresher.core.training.distributed import clip_grad_norm
+
+    seeds = list(range(8))
+    for seed, (norm, grads) in zip(seeds, sharded_clips(tmp_path, seeds, clip_grad_norm), strict=True):
+        assert norm > 1.0  # clipping is active: the coefficient matters
+        for threads in (1, 2):
+            whole_norm, whole_grads = whole_clip(clip_inputs(seed), clip_grad_norm, threads)
+            assert whole_norm == pytest.approx(norm, rel=1e-12)
+            for got, expected in zip(grads, whole_grads, strict=True):
+                assert torch.equal(got, expected), f"seed {seed}, {threads} thread(s)"

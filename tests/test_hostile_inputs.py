@@ -323,9 +323,7 @@ def test_fuzz_config_text_either_parses_or_raises_config_error(tmp_path, registr
 
 def test_generate_into_a_directory_is_refused_before_any_generation(tmp_path):
     import sys
-    import time
 
-    start = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "thresher", "generate", "tiny", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
@@ -334,7 +332,8 @@ def test_generate_into_a_directory_is_refused_before_any_generation(tmp_path):
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: --out {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'best_of_n.jsonl'}"
     ]
-    assert "Traceback" not in result.stderr and time.time() - start < 30  # refused before the model loaded
+    assert "Traceback" not in result.stderr
+    assert "loading model" not in result.stderr  # refused before the model loaded (off a terminal each phase prints)
 
 
 def test_greedy_sampling_with_several_rollouts_warns(tiny_config, write_config, cli):

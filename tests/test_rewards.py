@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -179,10 +180,13 @@ def test_a_nan_weight_is_exit_2_before_anything_runs(tiny_config, write_config, 
 
 
 class SlowRemote:
-    """A remote-like scorer: 0.5 s per call, whatever it scores."""
+    """A remote-like scorer: each call waits until all three parts' calls have started (or 30 s
+    pass), so the parts can only finish quickly when they are called concurrently."""
 
     name = "slow_remote"
     remote = True
+    started = threading.Barrier(3)
+    calls: ClassVar[list[str]] = []
 
     class Config(Section):
         value: float = 1.0
@@ -191,7 +195,11 @@ class SlowRemote:
         self.config = config
 
     def score(self, rollouts):
-        time.sleep(0.5)
+        try:
+            SlowRemote.started.wait(timeout=30)
+            SlowRemote.calls.append("together")
+        except threading.BrokenBarrierError:
+            SlowRemote.calls.append("alone")
         return torch.full((len(rollouts),), self.config.value)
 
     def close(self):
@@ -206,13 +214,15 @@ def test_remote_parts_are_called_concurrently(registry):
         fresh = build_registry()
         parts = [{"name": f"p{i}", "scorer": {"type": "slow_remote", "value": float(i)}} for i in range(3)]
         scorer = build(fresh, {"type": "combine", "parts": parts})
-        start = time.perf_counter()
+        SlowRemote.started.reset()
+        SlowRemote.calls.clear()
         result = scorer.score(batch())
-        elapsed = time.perf_counter() - start
         scorer.close()
     finally:
         thresher.unregister(SlowRemote)
-    assert elapsed < 1.2, elapsed  # three 0.5 s parts, together
+    # Called one after another, the first call would wait at the barrier alone and time out: the three
+    # met there, so they ran at the same time (whatever the machine's load).
+    assert SlowRemote.calls == ["together"] * 3
     torch.testing.assert_close(result.total, torch.full((8,), 0.0 + 1.0 + 2.0))
     assert scorer.remote  # so the loop overlaps it with generation by default
 

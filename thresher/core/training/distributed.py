@@ -13,6 +13,7 @@ Rank 0 alone writes metrics, rollouts, checkpoints and the final model.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -83,6 +84,67 @@ class Distributed:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# Elements per fp64 copy while summing squares: bounds the temporary (128 MiB) for huge gradients.
+_NORM_CHUNK = 1 << 24
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients so their global L2 norm is at most ``max_norm``; return the norm before.
+
+    This replaces ``torch.nn.utils.clip_grad_norm_`` because that one's fp32 norm depends on how the
+    sum of squares is split: whole gradients (one process, DDP) are summed one way, FSDP's shards
+    another (partial norms per rank, all-reduced), and the number of threads changes the split again.
+    The norms then differ in their last bit, so does the clip coefficient, so do the fp32 masters
+    after AdamW; under a bf16 policy an ulp of a master now and then rounds the weight to the
+    neighbouring bf16 value (a 0.4% change), and the runs drift apart (issue #21). Here squares are
+    summed in fp64 — an fp32 square is exact there and the sum's error (~1e-16) is ~9 orders below
+    fp32's step — and the coefficient is rounded to fp32 once, so every split of the sum gives the
+    same coefficient and the same clipped gradients, bit for bit.
+
+    Under FSDP (gradients that are DTensors sharded over a 1-D mesh) each rank sums its own shard and
+    one all-reduce adds the parts, so every rank must call this (the trainer does, every update).
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    whole = torch.zeros((), dtype=torch.float64, device=_local(grads[0]).device)
+    partial: dict[Any, torch.Tensor] = {}  # process group → this rank's share of the sum (in order)
+    for grad in grads:
+        if isinstance(grad, DTensor):
+            if grad.device_mesh.ndim == 1 and grad.placements[0].is_shard():
+                group = grad.device_mesh.get_group()
+                local = grad.to_local()
+                partial[group] = partial.get(group, torch.zeros_like(whole)) + _sum_of_squares(local)
+                continue
+            grad = grad.full_tensor()  # replicated or multi-dimensional: every rank holds it whole
+        whole += _sum_of_squares(grad)
+    for group, share in partial.items():
+        dist.all_reduce(share, op=dist.ReduceOp.SUM, group=group)
+        whole += share
+    norm = float(whole.sqrt())
+    coefficient = float(torch.tensor(max_norm / (norm + 1e-6), dtype=torch.float32))
+    if math.isfinite(norm) and coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return norm
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def _sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """Σ x² in fp64 (see :func:`clip_grad_norm` for why not fp32)."""
+    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+    for chunk in tensor.detach().reshape(-1).split(_NORM_CHUNK):
+        wide = chunk.double()
+        total += torch.dot(wide, wide)
+    return total
 
 
 def init_distributed(timeout_s: float) -> Distributed:

@@ -23,7 +23,7 @@ from thresher.core.checks import check_loss_result
 from thresher.core.config import OptimConfig
 from thresher.core.errors import ConfigError, ThresherError
 from thresher.core.faults import failpoint
-from thresher.core.training.distributed import Distributed
+from thresher.core.training.distributed import Distributed, clip_grad_norm
 from thresher.core.training.precision import MasterWeights, wants_master_weights
 from thresher.core.training.sharding import is_sharded
 from thresher.core.types import Loss
@@ -303,8 +303,9 @@ class Trainer:
             self.interrupt_check()
         failpoint("train", self.step_number)
         max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+        # Not torch's clip_grad_norm_: its fp32 norm differs in the last bit between FSDP's shards and
+        # whole gradients, which a bf16 policy amplifies (see clip_grad_norm).
+        grad_norm = clip_grad_norm(self.params, max_norm)
         if math.isfinite(total) and math.isfinite(grad_norm):
             self.optimizer.step()
             if self.master is not None:
