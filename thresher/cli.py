@@ -34,7 +34,7 @@ from thresher.core.errors import ConfigError, ThresherError
 
 DEFAULT_CONFIG = "demo"
 
-ConfigArg = Annotated[str, typer.Argument(help="Config file (YAML/TOML) or preset name: demo, tiny.")]
+ConfigArg = Annotated[str, typer.Argument(help="Config file (YAML/TOML) or preset name: demo, arithmetic, tiny.")]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value: KEY.PATH=VALUE (repeatable)."),

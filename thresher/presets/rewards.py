@@ -28,6 +28,10 @@ def addition_correct(responses: list[str], answer: list[int], finish_reasons: li
     return rewards
 
 
+# The `arithmetic` preset's reward: the same rule (the last number is the answer, the response finished).
+answer_correct = addition_correct
+
+
 def digit_share(responses: list[str]) -> list[float]:
     """Fraction of the response's characters that are digits: the ``tiny`` preset's graded reward.
 
