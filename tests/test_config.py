@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from thresher.core.config import apply_overrides, load_config, resolve_config
 from thresher.core.errors import ConfigError
+from thresher.core.registry import build_registry, get_plugin_manager
 
 
 def errors_of(result) -> list[str]:
@@ -64,13 +67,14 @@ def test_user_text_in_errors_is_not_taken_for_markup(tmp_path, cli):
     odd = tmp_path / "[red]odd[/]" / "run.yaml"
     result = cli("train", odd)
     assert result.exit_code == 2
-    assert errors_of(result) == [f"config file '{odd}': not found (presets: demo, tiny)"]
+    assert errors_of(result) == [f"config file '{odd}': not found (presets: arithmetic, demo, tiny)"]
 
 
 def test_missing_file_and_bad_yaml(tmp_path, cli):
     result = cli("train", tmp_path / "missing.yaml")
     assert result.exit_code == 2
-    assert errors_of(result) == [f"config file '{tmp_path / 'missing.yaml'}': not found (presets: demo, tiny)"]
+    missing = tmp_path / "missing.yaml"
+    assert errors_of(result) == [f"config file '{missing}': not found (presets: arithmetic, demo, tiny)"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("rs:\n  max_steps: [1, 2\n")
     result = cli("config", "validate", bad)
@@ -124,7 +128,7 @@ def test_toml_configs_are_accepted(tmp_path, registry):
 
 
 def test_presets_are_valid(registry):
-    for preset in ("demo", "tiny"):
+    for preset in ("demo", "arithmetic", "tiny"):
         assert load_config(preset, [], registry).scorer.type == "rule"
 
 
@@ -142,12 +146,63 @@ def test_schema_lists_core_and_plugin_sections(cli):
     assert "top_n_rollouts" in schema["plugins"]["selector"]["topk"]["properties"]
 
 
-def test_real_console_script_exits_2_without_traceback(tmp_path):
+THIRD_PARTY_SCORER = """
+import torch
+from pydantic import BaseModel
+import thresher
+
+class ExtraScorer:
+    name = "extra_third_party"
+    class Config(BaseModel):
+        pass
+    def __init__(self, config, context=None):
+        self.config = config
+    def score(self, rollouts):
+        return torch.zeros(len(rollouts))
+    def close(self):
+        pass
+
+@thresher.hookimpl
+def register_scorers(register):
+    register(ExtraScorer)
+"""
+
+
+def install_scorer_plugin(site: Path) -> None:
+    """A real installed distribution whose entry point registers one more scorer."""
+    (site / "thresher_extra_scorer.py").write_text(THIRD_PARTY_SCORER)
+    dist = site / "thresher_extra_scorer-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thresher-extra-scorer\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[thresher]\nextra_scorer = thresher_extra_scorer\n")
+
+
+@pytest.mark.parametrize("plugins", ["as installed", "plus a third-party scorer"])
+def test_real_console_script_exits_2_without_traceback(tmp_path, monkeypatch, plugins):
+    env = dict(os.environ)
+    if plugins == "plus a third-party scorer":
+        site = tmp_path / "site"
+        site.mkdir()
+        install_scorer_plugin(site)
+        monkeypatch.syspath_prepend(str(site))  # this process's registry sees what the script sees
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {train: x.jsonl}\nscorer: {type: nope}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "thresher", "config", "validate", str(bad)], capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-m", "thresher", "config", "validate", str(bad)], capture_output=True, text=True, timeout=120,
+        env=env,
+    )  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "error: scorer.type: unknown scorer 'nope'; available: combine, local, rule, triton"
+    # The scorers this environment offers, third-party plugins included, as the console script finds them
+    registry = build_registry(get_plugin_manager())
+    scorers = registry.names("scorer")
+    assert {"combine", "local", "rule", "triton"} <= set(scorers)  # the built-ins are always among them
+    assert ("extra_third_party" in scorers) == (plugins == "plus a third-party scorer")
+    broken = f" ({len(registry.problems)} installed plugin(s) failed to load: see `thresher plugins`)"
+    expected = f"error: scorer.type: unknown scorer 'nope'; available: {', '.join(scorers)}"
+    expected += broken if registry.problems else ""
+    *warnings, error = proc.stderr.strip().splitlines()
+    assert error == expected
+    assert len(warnings) == len(registry.problems)  # one line per installed plugin that failed to load
+    assert all(line.startswith("warning: ") for line in warnings), warnings

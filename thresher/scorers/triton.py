@@ -23,7 +23,9 @@ import json
 import os
 import queue
 import re
+import signal
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from typing import Any, ClassVar, Literal
 
@@ -84,7 +86,15 @@ class TritonScorer:
         self._pool = DaemonPool(config.concurrency, "triton-scorer")
         self._abort = threading.Event()  # set on a stop request: no more retries, requests cut
         self.should_stop = getattr(context, "should_stop", None) or (lambda: False)
-        self.inputs = self._check_server()
+        try:
+            with _ctrl_c_raises():
+                check = self._pool.submit(self._check_server)
+                (self.inputs,) = self._wait_stoppable([check], "start-up check stopped on request")
+        except BaseException:
+            # No caller will ever close a scorer that failed to start: stop its threads and connections
+            # here, or a request thread still waiting on a silent server would hold the process.
+            self._abandon()
+            raise
         self.pad_id = getattr(getattr(context, "tokenizer", None), "pad_token_id", None) or 0
 
     # --- start-up checks -----------------------------------------------------------------------
@@ -100,10 +110,14 @@ class TritonScorer:
         return {self.config.auth_header.lower(): f"Bearer {token}"}
 
     def _check_server(self) -> set[str]:
+        """Runs on a request thread (see ``__init__``): a server that accepts the connection and never
+        answers blocks the client inside C code or gevent's loop, where Ctrl-C cannot reach it."""
         url, name = self.config.url, self.config.model_name
         client = self._client()
+        # A gRPC call has no deadline unless given one; the HTTP client has its network timeout.
+        timeout = {"client_timeout": self.config.timeout_s} if self.protocol == "grpc" else {}
         try:
-            live = client.is_server_live(headers=self.headers)
+            live = client.is_server_live(headers=self.headers, **timeout)
         except Exception as err:  # connection refused, DNS, TLS: all mean "no server there"
             raise ScorerError(
                 f"scorer.url: no Triton server answers at {url} ({_short(err)}); start one with "
@@ -112,30 +126,31 @@ class TritonScorer:
         if not live:
             raise ScorerError(f"scorer.url: the Triton server at {url} is not live")
         try:
-            ready = client.is_model_ready(name, self.config.model_version, headers=self.headers)
+            ready = client.is_model_ready(name, self.config.model_version, headers=self.headers, **timeout)
         except Exception as err:
             raise ScorerError(f"scorer.model_name: cannot query model {name!r} at {url} ({_short(err)})") from None
         if not ready:
-            available = self._available_models(client)
+            available = self._available_models(client, timeout)
             listing = f"; models there: {available}" if available else ""
             raise ScorerError(
                 f"scorer.model_name: model {name!r} is not ready on {url} (`thresher serve-rm --name` sets the "
                 f"name){listing}"
             )
-        metadata = self._as_dict(client.get_model_metadata(name, self.config.model_version, headers=self.headers))
+        version = self.config.model_version
+        metadata = self._as_dict(client.get_model_metadata(name, version, headers=self.headers, **timeout))
         inputs = contract_problems_and_inputs(metadata, name, self.config.input)
         if self.config.max_batch_size is None:
-            model_config = self._as_dict(client.get_model_config(name, self.config.model_version, headers=self.headers))
+            model_config = self._as_dict(client.get_model_config(name, version, headers=self.headers, **timeout))
             model_config = model_config.get("config", model_config)
             self.max_batch_size = int(model_config.get("max_batch_size") or 0) or 64
         else:
             self.max_batch_size = self.config.max_batch_size
         return inputs
 
-    def _available_models(self, client: Any) -> str:
+    def _available_models(self, client: Any, timeout: dict[str, float]) -> str:
         """Model names on the server, or '' where the listing is restricted (PyTriton restricts it)."""
         try:
-            index = self._as_dict(client.get_model_repository_index(headers=self.headers))
+            index = self._as_dict(client.get_model_repository_index(headers=self.headers, **timeout))
         except Exception:
             return ""
         models = index.get("models", index) if isinstance(index, dict) else index
@@ -176,20 +191,29 @@ class TritonScorer:
         size = self.max_batch_size
         batches = [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
         futures = [self._pool.submit(self._score_batch, batch) for batch in batches]
-        while True:
-            _, pending = wait(futures, timeout=STOP_POLL_S)
-            if not pending:
-                break
-            if self.should_stop():
-                self._abort.set()
-                for future in pending:
-                    future.cancel()
-                # Closing cuts gRPC requests in flight; an HTTP client's close can block until its
-                # request ends, so it is closed off the caller's thread.
-                threading.Thread(target=self._close_clients, daemon=True).start()
-                raise ScoringInterrupted(f"Triton {self.config.url}: scoring stopped on request")
-        results = [future.result() for future in futures]
+        results = self._wait_stoppable(futures, "scoring stopped on request")
         return torch.from_numpy(np.concatenate(results) if results else np.zeros(0, np.float32)).float()
+
+    def _wait_stoppable(self, futures: list[Future], what: str) -> list[Any]:
+        """The futures' results, waited for where a stop can end the wait.
+
+        The caller's thread only waits on a condition with a short timeout: a run's stop request is
+        seen within STOP_POLL_S, and a plain Ctrl-C (no run's handler installed, as while the scorer
+        is being built) raises ``KeyboardInterrupt`` here at once. Either way the requests still
+        running are cut (:meth:`_stop_requests`) instead of waited for.
+        """
+        try:
+            while True:
+                _, pending = wait(futures, timeout=STOP_POLL_S)
+                if not pending:
+                    break
+                if self.should_stop():
+                    raise ScoringInterrupted(f"Triton {self.config.url}: {what}")
+        except BaseException:
+            if not all(future.done() for future in futures):
+                self._stop_requests(futures)
+            raise
+        return [future.result() for future in futures]
 
     def _score_batch(self, batch: list[Rollout]) -> np.ndarray:
         attempts = self.config.max_retries + 1
@@ -253,6 +277,23 @@ class TritonScorer:
             arrays[EXTRA] = column([json.dumps({**r.prompt.extra, "finish_reason": r.finish_reason}) for r in batch])
         return arrays
 
+    def _stop_requests(self, futures: list[Future]) -> None:
+        """No more retries, queued requests cancelled, requests in flight cut."""
+        self._abort.set()
+        for future in futures:
+            future.cancel()
+        # Closing cuts gRPC requests in flight; an HTTP client's close can block until its request
+        # ends, so it is closed off the caller's thread.
+        threading.Thread(target=self._close_clients, daemon=True).start()
+
+    def _abandon(self) -> None:
+        """Release a scorer whose construction failed or was interrupted, without waiting on anything
+        (a request still in flight was cut by :meth:`_stop_requests`, which set ``_abort``)."""
+        if not self._abort.is_set():
+            self._abort.set()
+            self._close_clients()
+        self._pool.shutdown(wait=False)
+
     def close(self) -> None:
         """Stop the request threads and close every connection (an open keep-alive connection makes a
         stopping Triton server wait for its exit timeout)."""
@@ -266,6 +307,30 @@ class TritonScorer:
                 with contextlib.suppress(Exception):
                     client.close()
             self._clients.clear()
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """While the scorer is built, Ctrl-C (SIGINT) raises ``KeyboardInterrupt`` even in a process that
+    started with SIGINT ignored, as a shell leaves every job started with ``&``.
+
+    The run's own handler (:class:`thresher.core.interrupt.Interrupts`) takes SIGINT whatever its
+    inherited setting, but it is installed only when training starts; without this, the start-up
+    check against a server that never answers ignored Ctrl-C until its timeout. A handler set in
+    Python (the default one, a run's, a caller's) is left as it is. Main thread only: signal
+    handlers cannot be set elsewhere.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class DaemonPool:

@@ -23,21 +23,29 @@ otherwise, batches dynamically, and stops cleanly on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 import sysconfig
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
 
-from thresher.core.errors import ThresherError
+from thresher.core.errors import ConfigError, ThresherError
 
 SENTENCES, TOKENS, LENGTHS = "sentences", "tokens", "sequence_lengths"
 PROMPTS, RESPONSES, EXTRA = "prompts", "responses", "extra"
@@ -237,29 +245,81 @@ def _fix_stub_library_path() -> None:
             os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse, before anything starts, ports that are not valid or that another process holds.
+
+    Triton cannot serve on a port in use: it exits, and PyTriton then waits up to 120 s for it, or
+    asks whatever server holds the HTTP port whether it is ready (another Triton answers 403), and
+    ends in tracebacks. Binding each port here, as the server will (``SO_REUSEADDR``, so that closed
+    connections lingering in TIME_WAIT do not count), names the port instead. ``ports`` maps each
+    option to its port. Triton's metrics port is not among them: ``serve`` turns metrics off, so
+    Triton never binds it, and refusing it would refuse a server that would have run.
+    """
+    problems = []
+    flags = list(ports)
+    for i, flag in enumerate(flags):
+        for other in flags[:i]:
+            if ports[flag] == ports[other]:
+                problems.append(f"{other} and {flag} are both {ports[flag]}; give two different ports")
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            problems.append(f"{flag} {port}: not a port number (1-65535)")
+            continue
+        reason = _bind_problem(host, port)
+        if reason:
+            problems.append(f"{flag} {port}: {reason}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be served on, or '' when it can."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        return f"cannot resolve --host {host} ({err.strerror})"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"the port is in use on {host} (another server?); give a free port"
+            return f"cannot serve on {host} ({err.strerror or err})"
+    return ""
+
+
 def serve(
     backend: Any,
     options: ServeOptions,
     on_ready: Callable[[str, str], None],
     stop: threading.Event | None = None,
 ) -> None:
-    """Serve ``backend`` until ``stop`` is set (or SIGINT/SIGTERM in the main thread)."""
+    """Serve ``backend`` until ``stop`` is set (or SIGINT/SIGTERM in the main thread).
+
+    Ports in use are refused before anything starts; a signal during the start-up ends it (see
+    :class:`_StopSignals`); a start-up failure is one line. Whatever ends it, tritonserver is stopped
+    and the scratch folder (workspace, Triton's log) removed.
+    """
     try:
         from pytriton.model_config import DynamicBatcher, ModelConfig
         from pytriton.triton import Triton, TritonConfig
     except ImportError:
         raise ThresherError("serve-rm needs PyTriton: pip install 'thresher[triton]'") from None
 
+    ports = {"--http-port": options.http_port, "--grpc-port": options.grpc_port}
+    check_ports_free(options.host, ports)
     _fix_stub_library_path()
+    stop = stop or threading.Event()
+    signals = _StopSignals(stop)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, signals.handle)
     # PyTriton sends the client the formatted exception: with no frames it is one line
     # ("ValueError: …"); the full traceback of a real failure goes to this process's stderr.
     previous_limit = getattr(sys, "tracebacklimit", None)
     sys.tracebacklimit = 0
-    stop = stop or threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     inputs, outputs = contract_tensors(backend.accepts_tokens)
     config = TritonConfig(
         http_address=options.host,
@@ -273,11 +333,21 @@ def serve(
         max_batch_size=options.max_batch_size,
         batcher=DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us),
     )
+    scratch = Path(tempfile.mkdtemp(prefix="thresher-triton-"))
+    config.log_file = options.log_file or str(scratch / "triton.log")  # keep the console quiet
+    # PyTriton's own log lines ("Triton Inference Server exited with failure. Please wait.") go to
+    # Triton's log too: on the console they would stand beside the one line that says what failed.
+    pytriton_log = logging.getLogger("pytriton")
+    to_file = logging.FileHandler(config.log_file, delay=True)
+    to_file.setFormatter(logging.Formatter("%(levelname).1s pytriton %(name)s] %(message)s"))
+    pytriton_log.addHandler(to_file)
+    propagate, pytriton_log.propagate = pytriton_log.propagate, False
+    triton = None
     try:
-        with tempfile.TemporaryDirectory(prefix="thresher-triton-") as scratch:
+        try:
             # PyTriton creates the workspace itself and keeps its files there, not in the home directory.
-            config.log_file = options.log_file or os.path.join(scratch, "triton.log")  # keep the console quiet
-            with Triton(config=config, workspace=os.path.join(scratch, "workspace")) as triton:
+            triton = Triton(config=config, workspace=scratch / "workspace")
+            with triton:  # starts tritonserver; the stop() below also covers an interrupted start
                 triton.bind(
                     model_name=options.model_name,
                     infer_func=make_infer_function(backend),
@@ -287,13 +357,124 @@ def serve(
                     strict=True,
                 )
                 triton.run()
+                signals.started()  # from here on a signal only sets `stop`
                 on_ready(f"http://{options.host}:{options.http_port}", f"grpc://{options.host}:{options.grpc_port}")
                 while not stop.wait(0.2):
                     pass
+        except (KeyboardInterrupt, SystemExit, ThresherError):
+            raise
+        except Exception as err:
+            if signals.received is not None:  # PyTriton turned the interrupt into its own error
+                signals.reraise()
+            if not signals.is_starting:
+                raise
+            # tritonserver exited or never answered, or another server answered on its port: a port
+            # taken since the check is named as the check names it, once ours has surely let go of it
+            # (PyTriton may still be stopping it from another thread)
+            _end_processes_under(scratch)
+            check_ports_free(options.host, ports)
+            reason = _start_failure(err, config.log_file)
+            raise ThresherError(f"serve-rm: Triton Inference Server did not start: {reason}") from None
     finally:
+        signals.started()
+        if triton is not None:
+            with contextlib.suppress(Exception):  # a half-started Triton may lack its process
+                if not triton.stop():
+                    # Already stopping: tritonserver exited by itself and PyTriton's exit callback is
+                    # cleaning the workspace on another thread. Removing it under that thread makes
+                    # PyTriton warn on the console; let it finish first.
+                    _wait_until_gone(scratch / "workspace", timeout=10.0)
+        pytriton_log.removeHandler(to_file)
+        to_file.close()
+        pytriton_log.propagate = propagate
+        _remove_scratch(scratch)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if previous_limit is None:
             del sys.tracebacklimit
         else:
             sys.tracebacklimit = previous_limit
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM for ``serve``: while the server starts they end the start-up at once (SIGINT
+    as ``KeyboardInterrupt``, SIGTERM as exit 143), because PyTriton's start-up waits (up to 120 s)
+    without looking at ``stop``; once it serves, they only set ``stop`` for a clean shutdown."""
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.is_starting = True
+        self.received: int | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.stop.set()
+        if self.is_starting and self.received is None:  # once: never break the clean-up it starts
+            self.received = signum
+            self.reraise()
+
+    def reraise(self) -> None:
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + (self.received or signal.SIGTERM))
+
+    def started(self) -> None:
+        self.is_starting = False
+
+
+def _start_failure(err: BaseException, log_file: str) -> str:
+    """Why Triton did not start, in one line: from its own log (a port taken after the check, a
+    model that failed to load), else the client's error."""
+    errors = []
+    with contextlib.suppress(OSError):
+        for line in Path(log_file).read_text(errors="replace").splitlines():
+            if line.startswith("E") and "] " in line and "CudaDriverHelper" not in line:  # not: no GPU here
+                errors.append(line.split("] ", 1)[1].strip().strip('"').strip())
+    in_use = [line for line in errors if "already in use" in line]
+    if in_use or errors:
+        return (in_use or errors)[-1][:300]
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def _wait_until_gone(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _remove_scratch(scratch: Path) -> None:
+    """Remove the scratch folder, and end whatever still runs from it first.
+
+    A tritonserver that PyTriton had to kill (it outwaited its exit timeout for an open connection)
+    leaves its Python stub running, orphaned; a tritonserver that exits on its own makes PyTriton
+    clean the workspace from another thread, racing this removal. So processes started from the
+    folder are ended, and the removal is retried until the folder is gone.
+    """
+    for attempt in range(50):
+        _end_processes_under(scratch, timeout=5.0 if attempt == 0 else 0.1)
+        if attempt:
+            time.sleep(0.05)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not scratch.exists():
+            return
+
+
+def _end_processes_under(folder: Path, timeout: float = 5.0) -> None:
+    """SIGKILL the processes started from ``folder`` and wait (up to ``timeout``) until they have
+    exited, their ports and files released. They can only be this server's (tritonserver, its Python
+    stub): their executables live in this private folder. Linux ``/proc``; elsewhere nothing."""
+    marker = str(folder).encode() + b"/"
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(entry.name) == os.getpid() or marker not in (entry / "cmdline").read_bytes():
+                    continue
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # exited, not yet reaped: nothing of it is held any more
+                os.kill(int(entry.name), signal.SIGKILL)
+                running.append(entry.name)
+        if not running or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
