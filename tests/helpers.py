@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 import torch
 
 
@@ -34,3 +37,13 @@ def save_classifier(path, tokenizer, num_labels: int):
 
 # Metrics fields that measure the machine (durations, rates, memory), not what the run computed.
 MEASURED = ("time", "tokens_per_s", "memory_")
+
+
+def install(site: Path, name: str, module_source: str) -> None:
+    """A distribution ``thresher-<name>`` with one entry point ``<name>`` in the ``thresher`` group,
+    as pip would lay it out in ``site`` (put ``site`` on the path to have it found)."""
+    (site / f"thresher_{name}.py").write_text(textwrap.dedent(module_source))
+    dist = site / f"thresher_{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: thresher-{name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[thresher]\n{name} = thresher_{name}\n")

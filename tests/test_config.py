@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers import install
 from thresher.core.config import apply_overrides, load_config, resolve_config
 from thresher.core.errors import ConfigError
 from thresher.core.registry import build_registry, get_plugin_manager
@@ -168,22 +168,13 @@ def register_scorers(register):
 """
 
 
-def install_scorer_plugin(site: Path) -> None:
-    """A real installed distribution whose entry point registers one more scorer."""
-    (site / "thresher_extra_scorer.py").write_text(THIRD_PARTY_SCORER)
-    dist = site / "thresher_extra_scorer-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thresher-extra-scorer\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[thresher]\nextra_scorer = thresher_extra_scorer\n")
-
-
 @pytest.mark.parametrize("plugins", ["as installed", "plus a third-party scorer"])
 def test_real_console_script_exits_2_without_traceback(tmp_path, monkeypatch, plugins):
     env = dict(os.environ)
     if plugins == "plus a third-party scorer":
         site = tmp_path / "site"
         site.mkdir()
-        install_scorer_plugin(site)
+        install(site, "extra_scorer", THIRD_PARTY_SCORER)
         monkeypatch.syspath_prepend(str(site))  # this process's registry sees what the script sees
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     bad = tmp_path / "bad.yaml"

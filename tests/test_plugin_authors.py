@@ -8,25 +8,16 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 import thresher
+from tests.helpers import install
 from thresher.plugin import Section
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def install(site: Path, name: str, module_source: str) -> None:
-    """A distribution ``thresher-<name>`` with one entry point ``<name>`` in the ``thresher`` group."""
-    (site / f"thresher_{name}.py").write_text(textwrap.dedent(module_source))
-    dist = site / f"thresher_{name}-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: thresher-{name}\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[thresher]\n{name} = thresher_{name}\n")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import thresher
+from tests.helpers import install
 from thresher.core.config.resolve import resolve_plugin_section
 from thresher.core.errors import ConfigError, PluginError, ScorerError, guard_user_code
 from thresher.core.interrupt import Interrupts
@@ -192,15 +192,6 @@ def test_a_keyboard_interrupt_from_a_reward_fails_the_step_with_its_rollouts_sav
 
 
 # --- plugins ------------------------------------------------------------------------------------------
-
-
-def install(site: Path, name: str, source: str) -> None:
-    """A distribution ``thresher-<name>`` with the entry point ``<name>`` in group ``thresher``."""
-    (site / f"thresher_{name}.py").write_text(textwrap.dedent(source))
-    dist = site / f"thresher_{name}-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: thresher-{name}\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[thresher]\n{name} = thresher_{name}\n")
 
 
 @pytest.fixture
