@@ -145,17 +145,19 @@ def test_failing_reward_function_keeps_the_generated_rollouts(tiny_config, write
 
 def test_existing_run_is_not_overwritten_by_accident(tiny_config, write_config, cli):
     tiny_config["output"]["overwrite"] = False
-    tiny_config["rs"]["max_steps"] = 1
+    tiny_config["rs"].update(max_steps=2, keep_last=2)
     path = write_config(tiny_config)
     assert cli("train", path, "--quiet").exit_code == 0
     result = cli("train", path, "--quiet")
     assert result.exit_code == 2
     assert "error: output.dir: " in result.output and "already holds a run; use --resume" in result.output
-    # with overwrite, the old run's outputs go: a stale checkpoint or rollouts file must not survive
+    # with overwrite, the old run's outputs go (a stale step_2 checkpoint or rollouts file must not
+    # survive a 1-step run); a file the user put there is not Thresher's and stays
     run = Path(tiny_config["output"]["dir"])
     (run / "rollouts" / "step_9.jsonl").write_text("{}\n")
-    assert cli("train", path, "--quiet", "--set", "output.overwrite=true").exit_code == 0
-    assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step_1.jsonl"]
+    overwritten = cli("train", path, "--quiet", "--set", "output.overwrite=true", "--set", "rs.max_steps=1")
+    assert overwritten.exit_code == 0, overwritten.output
+    assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step_1.jsonl", "step_9.jsonl"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
 
 
