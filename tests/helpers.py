@@ -47,3 +47,11 @@ def install(site: Path, name: str, module_source: str) -> None:
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: thresher-{name}\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[thresher]\n{name} = thresher_{name}\n")
+
+
+def cli_errors(result, exit_code: int) -> list[str]:
+    """The ``error:`` lines of a CliRunner result, after checking its exit code and that no
+    traceback was printed (a user mistake is one line, never a traceback)."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    return [line for line in result.output.splitlines() if line.startswith("error:")]

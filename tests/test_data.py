@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.helpers import cli_errors
 from thresher.core.data import PromptStream, load_prompts
 from thresher.core.errors import DataError
 from thresher.core.types import Prompt
@@ -125,14 +126,10 @@ def test_a_lone_surrogate_in_a_prompt_file_is_exit_2_naming_file_and_line(tmp_pa
     """It used to be a TypeError traceback from the tokenizer."""
     path = write_lines(tmp_path / "train.jsonl", ['{"prompt": "1+1="}', '{"prompt": "2+\\ud800"}'])
     tiny_config["data"]["train"] = str(path)
-    result = cli("train", write_config(tiny_config), "-q")
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert errors == [
+    assert cli_errors(cli("train", write_config(tiny_config), "-q"), 2) == [
         f"error: {path}:2: field 'prompt' is not valid Unicode text: lone surrogate \\ud800 at character 2 (an "
         "unpaired \\uD800-\\uDFFF escape in the file)"
     ]
-    assert "Traceback" not in result.output
 
 
 def test_missing_file_and_unknown_builtin(tmp_path, tiny_tokenizer):
