@@ -3,7 +3,11 @@ and memory go on a GPU, without downloading a model.
 
     python benchmarks/gpu_step.py --shape 1b                       # H100/H200: bf16, 64 prompts × N=8 × 128
     python benchmarks/gpu_step.py --shape 8b-4layers --lora --checkpointing
-    python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke test: seconds on a CPU
+    python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke test: well under a minute on a CPU
+
+The workload defaults to the GPU figures' (64 prompts × N=8 × 128 tokens, micro-batch 16, 3 steps);
+``--shape tiny`` defaults to a smoke-sized one (4 prompts × N=2 × 8 tokens, micro-batch 4, 2 steps).
+Any of ``--prompts --n --tokens --micro-batch --steps`` given wins.
 
 Builds a random-weight Llama of the shape (``benchmarks/shapes.py``; SmolLM2's tokenizer), runs
 ``--steps`` full RS steps (generate → score with a rule reward → keep the best response of each
@@ -27,6 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.shapes import SHAPES, tokenizer_source, write_shape
+
+GPU_WORKLOAD = {"prompts": 64, "n": 8, "tokens": 128, "micro_batch": 16, "steps": 3}
+SMOKE_WORKLOAD = {"prompts": 4, "n": 2, "tokens": 8, "micro_batch": 4, "steps": 2}
 
 
 def matmul_peak(device: torch.device) -> tuple[float, str]:
@@ -78,15 +85,19 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 on CUDA")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (r 16, all linear layers)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: 64; tiny: 4)")
+    parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: 8; tiny: 2)")
+    parser.add_argument("--tokens", type=int, default=None, help="max new tokens (default: 128; tiny: 8)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 16; tiny: 4")
+    parser.add_argument("--steps", type=int, default=None, help="default: 3; tiny: 2")
     parser.add_argument("--decode", default=None, help="generator.decode (default: the generator's)")
     parser.add_argument("--no-merge", action="store_true", help="LoRA: decode through the adapters, not merged weights")
     parser.add_argument("--tokenizer", default=None, help="a directory with SmolLM2's tokenizer files")
     args = parser.parse_args()
+    workload = SMOKE_WORKLOAD if args.shape == "tiny" else GPU_WORKLOAD
+    for name, value in workload.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     from thresher.core.runner import Run
 

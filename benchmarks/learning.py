@@ -252,12 +252,13 @@ def evaluate(job: dict[str, Any]) -> dict[str, Any]:
         items.append(f"model.path={job['model']}")
     with Run.from_config(TASKS[job["task"]], items, quiet=True) as run:
         run.setup(training=False)
-        parts, group = run.parts, run.config.data.group_field
+        session, group = run.session, run.config.data.group_field
+        generator, scorer, prompts = session.plugins.generator, session.plugins.scorer, session.inputs.val_prompts
         rows: list[dict[str, Any]] = []
         scores: dict[str, Any] = {}
         for mode in ("greedy", "sampled"):
-            rollouts = parts.generator.generate(parts.val_prompts, 1, seed=EVAL_SEED, greedy=mode == "greedy")
-            rewards = [float(r) for r in parts.scorer.score(rollouts)]
+            rollouts = generator.generate(prompts, 1, seed=EVAL_SEED, greedy=mode == "greedy")
+            rewards = [float(r) for r in scorer.score(rollouts)]
             scores[f"{mode}"] = statistics.fmean(rewards)
             for rollout, value in zip(rollouts, rewards, strict=True):
                 level = str(rollout.prompt.extra.get(group, "all")) if group else "all"

@@ -138,7 +138,7 @@ def thresher_step(args: argparse.Namespace, scratch: Path) -> dict:
     }
     batches = [sorted({r["prompt_index"] for r in rows}) for rows in steps.values()]
     (scratch / "batches.json").write_text(json.dumps(batches))
-    prompt_ids = {p.index: list(p.token_ids) for p in run.parts.train_prompts}
+    prompt_ids = {p.index: list(p.token_ids) for p in run.session.inputs.train_prompts}
     kept = [[prompt_ids[r["prompt_index"]], r["response_ids"]] for r in steps[2] if r["kept"]]
     (scratch / "kept.json").write_text(json.dumps(kept))
     return {
@@ -351,7 +351,7 @@ def train_pass_only(args: argparse.Namespace, scratch: Path) -> dict:
         loss = MaskedMeanLogprobLoss(MaskedMeanLogprobLoss.Config(), PluginContext())
         optim = OptimConfig(lr=1e-5, micro_batch_size=args.micro, grad_clip=1.0)
         Trainer(model, loss, optim, max_steps=1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu")).train_step(
-            0, kept
+            1, kept
         )
     elif args.train_pass == "transformers":
         _sft_update(model, kept, tokenizer, args)

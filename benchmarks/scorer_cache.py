@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.triton_servers import serving  # the same server helper the tests use
+from tests.scorers.triton_servers import serving  # the same server helper the tests use
 
 SLOW_RULE = """
 import time

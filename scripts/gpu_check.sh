@@ -37,7 +37,7 @@ fi
 
 if part tests; then
   echo "== gpu tests"
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_vllm_generator.py -rs || status=1
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/training/test_gpu.py tests/generators/test_vllm_generator.py -rs || status=1
 fi
 
 if part generation; then

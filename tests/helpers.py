@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import torch
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (metrics.jsonl, rollouts/step_N.jsonl), blank lines skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def small_llama_config(tokenizer, *, hidden: int = 32, heads: int = 4, kv_heads: int | None = None, **extra):

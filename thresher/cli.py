@@ -54,9 +54,11 @@ def _registry(pm: pluggy.PluginManager | None = None, warn: bool = True):
 
 
 def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
-    """The typer app, with any commands that plugins add through ``register_commands``."""
-    from thresher.core.registry import get_plugin_manager
+    """The typer app: the commands below, and any that plugins add through ``register_commands``.
+    ``pm`` is the plugin manager the commands build their registry from (default: the installed one)."""
+    from thresher.core.registry import call_plugin_hook
 
+    _state.pm = pm
     app = typer.Typer(
         name="thresher",
         help="Rejection-sampling training of language models, composed from plugins.",
@@ -64,229 +66,235 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    for command in (train, generate, plugins, report, rollouts):
+        app.command()(command)
     config_app = typer.Typer(help="Check and describe run configurations.", no_args_is_help=True)
+    config_app.command("validate")(config_validate)
+    config_app.command("schema")(config_schema)
     app.add_typer(config_app, name="config")
-    state: dict[str, Any] = {"pm": pm}
-
-    def plugin_manager() -> pluggy.PluginManager:
-        if state["pm"] is None:
-            state["pm"] = get_plugin_manager()
-        return state["pm"]
-
-    @app.command()
-    @user_errors
-    def train(
-        config: ConfigArg = DEFAULT_CONFIG,
-        set_: SetOption = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
-        resume_from: Annotated[
-            Path | None, typer.Option("--resume-from", help="Continue from this checkpoint directory.")
-        ] = None,
-        quiet: QuietOption = False,
-        nproc: Annotated[
-            int, typer.Option("--nproc", min=1, help="Processes on this machine (runs torchrun for you).")
-        ] = 1,
-        dry_run: Annotated[
-            bool,
-            typer.Option("--dry-run", help="Print the memory plan (nothing heavy is loaded, nothing written)."),
-        ] = False,
-    ) -> None:
-        """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
-        from thresher.core.config import load_config
-        from thresher.core.console import ConsoleReporter
-        from thresher.core.runner import Run
-
-        registry = _registry(plugin_manager())
-        run_config = load_config(config, set_ or [], registry)  # fail here, once, not in every rank
-        if dry_run:
-            plan = Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=True)).plan()
-            typer.echo(plan.render())
-            if not plan.fits:  # scripts can tell: the real run would be refused with the same plan
-                raise typer.Exit(ConfigError.exit_code)
-            return
-        if nproc > 1 and "WORLD_SIZE" not in os.environ:
-            forwarded = [config, *[a for item in set_ or [] for a in ("--set", item)]]
-            forwarded += ["--resume"] if resume else []
-            forwarded += ["--resume-from", str(resume_from)] if resume_from else []
-            forwarded += ["--quiet"] if quiet else []
-            raise typer.Exit(run_torchrun(nproc, forwarded))
-        with Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=quiet)) as run:
-            history = run.train(resume=str(resume_from) if resume_from else resume)
-        if run.is_main_process:
-            typer.echo(f"finished {len(history)} steps; run directory: {run_config.output.dir}")
-
-    @app.command()
-    @user_errors
-    def generate(
-        config: ConfigArg,
-        out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the selected pairs.")],
-        set_: SetOption = None,
-        limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
-        write_all: Annotated[bool, typer.Option("--all", help="Write every rollout, with its kept flag.")] = False,
-        quiet: QuietOption = False,
-    ) -> None:
-        """Best-of-N data production: generate, score and select for each training prompt; no training."""
-        from thresher.core.config import load_config
-        from thresher.core.console import ConsoleReporter
-        from thresher.core.runner import Run
-
-        if limit is not None and limit < 1:  # a slice would quietly take all but -limit prompts, or all
-            raise ConfigError([f"--limit: expected a number of prompts >= 1, got {limit}"])
-        registry = _registry(plugin_manager())
-        run_config = load_config(config, set_ or [], registry)
-        check_output_file(out)  # before hours of generation, not after
-        with Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=quiet)) as run:
-            counts = run.produce(out, limit=limit, write_all=write_all)
-        typer.echo(
-            f"wrote {out}: kept {counts['kept']} of {counts['rollouts']} rollouts for {counts['prompts']} prompts"
-        )
-
-    @app.command()
-    @user_errors
-    def plugins(
-        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    ) -> None:
-        """List registered plugins of every kind with their config fields."""
-        from thresher.core.registry import KINDS
-
-        registry = _registry(plugin_manager(), warn=False)
-        listing: dict[str, Any] = {
-            kind: [
-                describe_plugin(registry.get(kind, name), registry.origins[(kind, name)])
-                for name in registry.names(kind)
-            ]
-            for kind in KINDS
-        }
-        listing["not_loaded"] = registry.problems
-        if as_json:
-            typer.echo(json.dumps(listing, indent=2))
-            return
-        console = Console()
-        if not console.is_terminal:  # piped: one full line per field, never cut to a table's width
-            for kind in KINDS:
-                for plugin in listing[kind]:
-                    for f in plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]:
-                        default = json.dumps(f["default"]) if f["name"] else ""
-                        typer.echo("\t".join([kind, plugin["name"], f["name"], f["type"], default, f["description"]]))
-            for problem in registry.problems:
-                typer.echo(f"not loaded\t{problem}")
-            return
-        for problem in registry.problems:
-            err_console.print(f"[yellow]not loaded:[/] {escape(problem)}", highlight=False, soft_wrap=True)
-        for kind in KINDS:
-            table = Table(title=f"{kind} plugins", show_lines=True, title_justify="left")
-            table.add_column("name", overflow="fold", no_wrap=False, min_width=8)
-            for column in ("field", "type", "default", "description"):
-                table.add_column(column, overflow="fold")
-            for plugin in listing[kind]:
-                fields = plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]
-                for i, f in enumerate(fields):
-                    table.add_row(
-                        plugin["name"] if i == 0 else "",
-                        f["name"],
-                        f["type"],
-                        json.dumps(f["default"]) if f["name"] else "",
-                        f["description"],
-                    )
-            console.print(table)
-
-    @app.command()
-    @user_errors
-    def report(
-        runs: Annotated[
-            list[Path], typer.Argument(metavar="RUN", help="Run directories (output.dir), overlaid in each figure.")
-        ],
-        out: Annotated[
-            Path | None,
-            typer.Option(
-                "--out",
-                "-o",
-                metavar="FILE",
-                help="HTML report (default: report.html); its PNG and CSV files go in NAME_files/ beside it.",
-            ),
-        ] = None,
-        png: Annotated[
-            Path | None,
-            typer.Option("--png", metavar="DIR", help="Write only the figures: one PNG and one CSV each, into DIR."),
-        ] = None,
-    ) -> None:
-        """Figures of one or more runs (finished or live): rewards, accept rate, validation, lengths, speed."""
-        from thresher.observe.report import build_report
-
-        if out is None and png is None:
-            out = Path("report.html")
-        written = build_report(runs, out, png)
-        names = ", ".join(f.spec.name for f in written.figures) or "none: no steps recorded yet"
-        for folder in written.folders:
-            typer.echo(f"wrote {len(written.figures)} figures (PNG + CSV) to {folder}: {names}")
-        if written.html is not None:
-            typer.echo(f"wrote {written.html}")
-
-    @app.command()
-    @user_errors
-    def rollouts(
-        run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory (output.dir).")],
-        step: Annotated[
-            int | None, typer.Option("--step", metavar="N", help="Step to show (default: the latest).")
-        ] = None,
-        kept: Annotated[bool, typer.Option("--kept", help="Only kept responses.")] = False,
-        rejected: Annotated[bool, typer.Option("--rejected", help="Only rejected responses.")] = False,
-        best: Annotated[
-            int | None, typer.Option("--best", metavar="K", help="Per prompt, the K highest rewards.")
-        ] = None,
-        worst: Annotated[
-            int | None, typer.Option("--worst", metavar="K", help="Per prompt, the K lowest rewards.")
-        ] = None,
-        grep: Annotated[
-            str | None, typer.Option("--grep", metavar="TEXT", help="Responses (or prompts) containing TEXT, any case.")
-        ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output, nothing truncated.")] = False,
-    ) -> None:
-        """Per prompt, the kept and rejected responses of a step with rewards and finish reasons."""
-        from thresher.observe.rollouts import Filters, render_lines, rollouts_view
-
-        view = rollouts_view(run, step, Filters(kept, rejected, best, worst, grep))
-        if as_json:
-            typer.echo(json.dumps(view, indent=2))
-            return
-        console = Console(highlight=False, soft_wrap=True)
-        for line in render_lines(view):
-            console.print(line)
-
-    @config_app.command("validate")
-    @user_errors
-    def config_validate(config: ConfigArg, set_: SetOption = None) -> None:
-        """Validate a config file (every problem reported at once); print the resolved config."""
-        from thresher.core.config import dump_config, load_config
-
-        resolved = load_config(config, set_ or [], _registry(plugin_manager()))
-        typer.echo(dump_config(resolved), nl=False)
-        err_console.print(f"{config}: valid")
-
-    @config_app.command("schema")
-    @user_errors
-    def config_schema() -> None:
-        """Print the JSON schema of the run config and of every registered plugin's section."""
-        from thresher.core.config import RunConfig
-        from thresher.core.registry import KINDS
-
-        registry = _registry(plugin_manager())
-        core = RunConfig.model_json_schema()
-        for kind in KINDS:
-            core["properties"].pop(kind, None)
-        schema = {
-            "run": core,
-            "plugins": {
-                kind: {name: registry.get(kind, name).Config.model_json_schema() for name in registry.names(kind)}
-                for kind in KINDS
-            },
-        }
-        typer.echo(json.dumps(schema, indent=2))
-
-    from thresher.core.registry import call_plugin_hook
-
-    call_plugin_hook(plugin_manager().hook.register_commands, app=app)
+    call_plugin_hook(_plugin_manager().hook.register_commands, app=app)
     return app
+
+
+class _State:
+    """The plugin manager of the app ``build_app`` made last (tests pass their own)."""
+
+    pm: pluggy.PluginManager | None = None
+
+
+_state = _State()
+
+
+def _plugin_manager() -> pluggy.PluginManager:
+    from thresher.core.registry import get_plugin_manager
+
+    if _state.pm is None:
+        _state.pm = get_plugin_manager()
+    return _state.pm
+
+
+# --- the commands ----------------------------------------------------------------------------------
+
+
+@user_errors
+def train(
+    config: ConfigArg = DEFAULT_CONFIG,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint directory.")
+    ] = None,
+    quiet: QuietOption = False,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Processes on this machine (runs torchrun for you).")
+    ] = 1,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the memory plan (nothing heavy is loaded, nothing written)."),
+    ] = False,
+) -> None:
+    """Run rejection-sampling training (with no CONFIG: the built-in SmolLM2 demo)."""
+    from thresher.core.config import load_config
+    from thresher.core.console import ConsoleReporter
+    from thresher.core.runner import Run
+
+    registry = _registry(_plugin_manager())
+    run_config = load_config(config, set_ or [], registry)  # fail here, once, not in every rank
+    if dry_run:
+        plan = Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=True)).plan()
+        typer.echo(plan.render())
+        if not plan.fits:  # scripts can tell: the real run would be refused with the same plan
+            raise typer.Exit(ConfigError.exit_code)
+        return
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        forwarded = [config, *[a for item in set_ or [] for a in ("--set", item)]]
+        forwarded += ["--resume"] if resume else []
+        forwarded += ["--resume-from", str(resume_from)] if resume_from else []
+        forwarded += ["--quiet"] if quiet else []
+        raise typer.Exit(run_torchrun(nproc, forwarded))
+    with Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=quiet)) as run:
+        history = run.train(resume=str(resume_from) if resume_from else resume)
+    if run.is_main_process:
+        typer.echo(f"finished {len(history)} steps; run directory: {run_config.output.dir}")
+
+
+@user_errors
+def generate(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file for the selected pairs.")],
+    set_: SetOption = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    write_all: Annotated[bool, typer.Option("--all", help="Write every rollout, with its kept flag.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Best-of-N data production: generate, score and select for each training prompt; no training."""
+    from thresher.core.config import load_config
+    from thresher.core.console import ConsoleReporter
+    from thresher.core.runner import Run
+
+    if limit is not None and limit < 1:  # a slice would quietly take all but -limit prompts, or all
+        raise ConfigError([f"--limit: expected a number of prompts >= 1, got {limit}"])
+    registry = _registry(_plugin_manager())
+    run_config = load_config(config, set_ or [], registry)
+    check_output_file(out)  # before hours of generation, not after
+    with Run(run_config, registry=registry, reporter=ConsoleReporter(err_console, quiet=quiet)) as run:
+        counts = run.produce(out, limit=limit, write_all=write_all)
+    typer.echo(f"wrote {out}: kept {counts['kept']} of {counts['rollouts']} rollouts for {counts['prompts']} prompts")
+
+
+@user_errors
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List registered plugins of every kind with their config fields."""
+    from thresher.core.registry import KINDS
+
+    registry = _registry(_plugin_manager(), warn=False)
+    listing: dict[str, Any] = {
+        kind: [
+            describe_plugin(registry.get(kind, name), registry.origins[(kind, name)]) for name in registry.names(kind)
+        ]
+        for kind in KINDS
+    }
+    listing["not_loaded"] = registry.problems
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+        return
+    console = Console()
+    if not console.is_terminal:  # piped: one full line per field, never cut to a table's width
+        for kind in KINDS:
+            for plugin in listing[kind]:
+                for f in plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]:
+                    default = json.dumps(f["default"]) if f["name"] else ""
+                    typer.echo("\t".join([kind, plugin["name"], f["name"], f["type"], default, f["description"]]))
+        for problem in registry.problems:
+            typer.echo(f"not loaded\t{problem}")
+        return
+    for problem in registry.problems:
+        err_console.print(f"[yellow]not loaded:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    for kind in KINDS:
+        table = Table(title=f"{kind} plugins", show_lines=True, title_justify="left")
+        table.add_column("name", overflow="fold", no_wrap=False, min_width=8)
+        for column in ("field", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for plugin in listing[kind]:
+            fields = plugin["fields"] or [{"name": "", "type": "", "default": "", "description": ""}]
+            for i, f in enumerate(fields):
+                table.add_row(
+                    plugin["name"] if i == 0 else "",
+                    f["name"],
+                    f["type"],
+                    json.dumps(f["default"]) if f["name"] else "",
+                    f["description"],
+                )
+        console.print(table)
+
+
+@user_errors
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(metavar="RUN", help="Run directories (output.dir), overlaid in each figure.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FILE",
+            help="HTML report (default: report.html); its PNG and CSV files go in NAME_files/ beside it.",
+        ),
+    ] = None,
+    png: Annotated[
+        Path | None,
+        typer.Option("--png", metavar="DIR", help="Write only the figures: one PNG and one CSV each, into DIR."),
+    ] = None,
+) -> None:
+    """Figures of one or more runs (finished or live): rewards, accept rate, validation, lengths, speed."""
+    from thresher.observe.report import build_report
+
+    if out is None and png is None:
+        out = Path("report.html")
+    written = build_report(runs, out, png)
+    names = ", ".join(f.spec.name for f in written.figures) or "none: no steps recorded yet"
+    for folder in written.folders:
+        typer.echo(f"wrote {len(written.figures)} figures (PNG + CSV) to {folder}: {names}")
+    if written.html is not None:
+        typer.echo(f"wrote {written.html}")
+
+
+@user_errors
+def rollouts(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory (output.dir).")],
+    step: Annotated[int | None, typer.Option("--step", metavar="N", help="Step to show (default: the latest).")] = None,
+    kept: Annotated[bool, typer.Option("--kept", help="Only kept responses.")] = False,
+    rejected: Annotated[bool, typer.Option("--rejected", help="Only rejected responses.")] = False,
+    best: Annotated[int | None, typer.Option("--best", metavar="K", help="Per prompt, the K highest rewards.")] = None,
+    worst: Annotated[int | None, typer.Option("--worst", metavar="K", help="Per prompt, the K lowest rewards.")] = None,
+    grep: Annotated[
+        str | None, typer.Option("--grep", metavar="TEXT", help="Responses (or prompts) containing TEXT, any case.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output, nothing truncated.")] = False,
+) -> None:
+    """Per prompt, the kept and rejected responses of a step with rewards and finish reasons."""
+    from thresher.observe.rollouts import Filters, render_lines, rollouts_view
+
+    view = rollouts_view(run, step, Filters(kept, rejected, best, worst, grep))
+    if as_json:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    for line in render_lines(view):
+        console.print(line)
+
+
+@user_errors
+def config_validate(config: ConfigArg, set_: SetOption = None) -> None:
+    """Validate a config file (every problem reported at once); print the resolved config."""
+    from thresher.core.config import dump_config, load_config
+
+    resolved = load_config(config, set_ or [], _registry(_plugin_manager()))
+    typer.echo(dump_config(resolved), nl=False)
+    err_console.print(f"{config}: valid")
+
+
+@user_errors
+def config_schema() -> None:
+    """Print the JSON schema of the run config and of every registered plugin's section."""
+    from thresher.core.config import RunConfig
+    from thresher.core.registry import KINDS
+
+    registry = _registry(_plugin_manager())
+    core = RunConfig.model_json_schema()
+    for kind in KINDS:
+        core["properties"].pop(kind, None)
+    schema = {
+        "run": core,
+        "plugins": {
+            kind: {name: registry.get(kind, name).Config.model_json_schema() for name in registry.names(kind)}
+            for kind in KINDS
+        },
+    }
+    typer.echo(json.dumps(schema, indent=2))
 
 
 def check_output_file(out: Path) -> None:
@@ -330,7 +338,7 @@ def run_torchrun(nproc: int, train_args: list[str]) -> int:
     return code
 
 
-def describe_plugin(cls: type, origin: str) -> dict[str, Any]:
+def describe_plugin(cls: type[Any], origin: str) -> dict[str, Any]:
     """Name, origin and config fields (name, type, default, description) of a plugin class."""
     fields = []
     for name, info in cls.Config.model_fields.items():

@@ -36,6 +36,7 @@ one line that names the plugin.
 from thresher.commands import user_errors
 from thresher.core.build import build_nested
 from thresher.core.config import Section
+from thresher.core.config.sampling import SamplingConfig, SamplingParams
 from thresher.core.errors import (
     ConfigError,
     DataError,
@@ -86,6 +87,8 @@ __all__ = [
     "Register",
     "ReportsMetrics",
     "Rollout",
+    "SamplingConfig",
+    "SamplingParams",
     "Scorer",
     "ScorerError",
     "ScoringInterrupted",

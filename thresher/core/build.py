@@ -14,12 +14,12 @@ def instantiate(registry: Registry, kind: str, spec: PluginSpec, context: Plugin
     return registry.get(kind, spec.type)(spec.config, context)
 
 
-def build_nested(kind: str, section: dict[str, Any], context: PluginContext) -> Any:
+def build_nested(kind: str, section: dict[str, Any], context: PluginContext | None) -> Any:
     """Build a plugin from a section nested in another plugin's config (a chain's stage, say).
 
     The nested section was validated with the run config; this resolves it again against the
     registry in ``context`` and builds it.
     """
-    if context.registry is None:
+    if context is None or context.registry is None:
         raise ValueError(f"building a nested {kind} needs the registry in the plugin context")
     return instantiate(context.registry, kind, resolve_plugin_section(kind, section, context.registry), context)

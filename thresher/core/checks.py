@@ -4,13 +4,12 @@ selector's ``[P, 1]`` mask once kept all 64 of 64 rollouts)."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
 from thresher.core.errors import PluginError, ScorerError
-from thresher.core.types import Loss, PartRewards, Rollout
+from thresher.core.types import Loss, PartRewards, Rollout, Selector, reads_rollouts
 
 
 def check_generated(rollouts: list[Rollout], prompts: int, n: int, name: str = "generator") -> None:
@@ -51,12 +50,12 @@ def as_rewards(value: Any, expected: int, name: str = "scorer") -> torch.Tensor:
 
 
 def call_selector(
-    selector: Any, rewards: torch.Tensor, valid: torch.Tensor, rollouts: list[Rollout] | None, name: str
+    selector: Selector, rewards: torch.Tensor, valid: torch.Tensor, rollouts: list[Rollout] | None, name: str
 ) -> torch.Tensor:
     """The selector's mask, checked: a bool-like tensor of the rewards' shape [P, N]. Selectors that
     declare a ``rollouts`` parameter get the rollouts too, grouped by prompt ([P][N])."""
     kwargs: dict[str, Any] = {}
-    if rollouts is not None and "rollouts" in inspect.signature(selector.select).parameters:
+    if rollouts is not None and reads_rollouts(selector):
         n = rewards.shape[1]
         kwargs["rollouts"] = [rollouts[i : i + n] for i in range(0, len(rollouts), n)]
     mask = selector.select(rewards, valid, **kwargs)

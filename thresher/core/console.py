@@ -93,6 +93,10 @@ class ConsoleReporter:
     def _eta_text(self) -> str:
         return f"run ETA {self.eta}" if self.eta else ""
 
+    def warning(self, text: str) -> None:
+        """One yellow ``warning:`` line (``text`` may hold rich markup)."""
+        self.info(f"[yellow]warning:[/] {text}")
+
     def info(self, text: str) -> None:
         if not self.quiet:
             self.done()

@@ -97,7 +97,9 @@ def _read_csv(path: Path, field: str, messages_field: str) -> Rows:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             header = next((cells for cells in reader if cells), None)  # the first non-empty line
-            if header is not None:
+            if header is None:
+                header = []  # no rows follow: the file has no prompts, reported by the caller
+            else:
                 _check_columns(f"{path}:{reader.line_num}", header, field, messages_field)
             line_end = reader.line_num
             for cells in reader:

@@ -20,6 +20,14 @@ class ThresherError(Exception):
     exit_code = 1
 
 
+class EarlyStop(Exception):
+    """A guardrail or the early-stop rule ended the run: not an error (the run checkpoints and ends)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
 class ConfigError(ThresherError):
     """The run configuration is invalid; carries one `loc: message` line per problem."""
 

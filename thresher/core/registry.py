@@ -26,6 +26,9 @@ from thresher.core.types import KIND_PROTOCOLS
 # The four stages of a step (one config section each), then loggers (a ``loggers:`` list).
 PIPELINE_KINDS: tuple[str, ...] = ("generator", "scorer", "selector", "loss")
 KINDS: tuple[str, ...] = (*PIPELINE_KINDS, "logger")
+# A registered plugin class: its kind's protocol is checked when it is registered (its ``name``,
+# ``Config`` and methods), so the registry hands classes out as ``type[Any]``.
+PluginClass = type[Any]
 HOOK_FOR_KIND = {
     "generator": "register_generators",
     "scorer": "register_scorers",
@@ -135,10 +138,10 @@ def _first_line(err: BaseException) -> str:
 # --- classes registered in this process (notebooks, tests, scripts: no packaging needed) ----------
 
 IN_PROCESS = "thresher.in_process"
-_REGISTERED: dict[tuple[str, str], type] = {}
+_REGISTERED: dict[tuple[str, str], PluginClass] = {}
 
 
-def register(cls: type, kind: str | None = None) -> type:
+def register(cls: PluginClass, kind: str | None = None) -> PluginClass:
     """Make a plugin class available to runs in this process, as if a package registered it.
 
     ``kind`` (generator, scorer, selector, loss, logger) is inferred from the class's methods when only one
@@ -154,14 +157,14 @@ def register(cls: type, kind: str | None = None) -> type:
     return cls
 
 
-def unregister(cls: type) -> None:
+def unregister(cls: PluginClass) -> None:
     """Forget a class registered with :func:`register` (tests clean up with it)."""
     for key, registered in list(_REGISTERED.items()):
         if registered is cls:
             del _REGISTERED[key]
 
 
-def _infer_kind(cls: type) -> str:
+def _infer_kind(cls: PluginClass) -> str:
     fitting = [kind for kind in KINDS if not _missing_methods(cls, KIND_PROTOCOLS[kind])]
     if len(fitting) != 1:
         what = "several kinds: " + ", ".join(fitting) if fitting else "no kind's methods"
@@ -194,11 +197,11 @@ for _kind, _hook_name in HOOK_FOR_KIND.items():
 class Registry:
     """Registered plugin classes by kind and name."""
 
-    plugins: dict[str, dict[str, type]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    plugins: dict[str, dict[str, PluginClass]] = field(default_factory=lambda: {k: {} for k in KINDS})
     origins: dict[tuple[str, str], str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # installed plugins that could not be loaded
 
-    def add(self, kind: str, cls: type) -> None:
+    def add(self, kind: str, cls: PluginClass) -> None:
         _check_plugin_class(kind, cls)
         origin = f"{cls.__module__}.{cls.__qualname__}"
         if cls.name in self.plugins[kind]:
@@ -207,7 +210,7 @@ class Registry:
         self.plugins[kind][cls.name] = cls
         self.origins[(kind, cls.name)] = origin
 
-    def get(self, kind: str, name: str) -> type:
+    def get(self, kind: str, name: str) -> PluginClass:
         try:
             return self.plugins[kind][name]
         except KeyError:
@@ -278,7 +281,7 @@ def _check_plugin_class(kind: str, cls: object) -> None:
         raise PluginError(f"{where}: missing {kind} method(s): {', '.join(missing)}")
 
 
-def _missing_methods(cls: type, protocol: type) -> Iterable[str]:
+def _missing_methods(cls: PluginClass, protocol: type) -> Iterable[str]:
     wanted = [m for m in protocol.__dict__ if not m.startswith("_") and callable(protocol.__dict__[m])]
     if "__call__" in protocol.__dict__:
         wanted.append("__call__")

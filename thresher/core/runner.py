@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from thresher.core import loop, phases
+from thresher.core import loop
 from thresher.core.build import instantiate
-from thresher.core.components import Components
 from thresher.core.config import RunConfig, dump_config, load_config, resolve_config
+from thresher.core.config.sampling import sampling_params
 from thresher.core.console import ConsoleReporter
 from thresher.core.data import PromptStream, load_prompts
 from thresher.core.errors import ConfigError
@@ -32,9 +32,12 @@ from thresher.core.interrupt import Interrupts
 from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
 from thresher.core.registry import Registry, build_registry
 from thresher.core.run.directory import RunDir
+from thresher.core.run.loggers import NoLoggers
+from thresher.core.run.saving import Saver, resume_point
 from thresher.core.scoring import wrap_scorer
 from thresher.core.selection import Guardrails
-from thresher.core.training.distributed import init_distributed
+from thresher.core.session import Inputs, Plugins, Policy, Progress, Session
+from thresher.core.training.distributed import Distributed, init_distributed
 from thresher.core.training.lora import apply_lora
 from thresher.core.training.memory import (
     MemoryPlan,
@@ -47,7 +50,7 @@ from thresher.core.training.precision import check_trainable_precision, wants_ma
 from thresher.core.training.sharding import PolicyHolder
 from thresher.core.training.trainer import Trainer
 from thresher.core.trainset import training_set_for
-from thresher.core.types import PluginContext, Prompt
+from thresher.core.types import Generator, PluginContext, Prompt, Scorer
 
 ConfigSource = str | Path | dict[str, Any] | RunConfig
 
@@ -58,12 +61,14 @@ class Run:
     def __init__(self, config: RunConfig, *, registry: Registry | None = None, reporter: ConsoleReporter | None = None):
         self.config = config
         self.registry = registry or build_registry()
-        self.parts = Components(
-            config=config,
-            registry=self.registry,
-            reporter=reporter or ConsoleReporter(),
-            run_dir=RunDir(Path(config.output.dir)),
-        )
+        self.reporter = reporter or ConsoleReporter()
+        self.run_dir = RunDir(Path(config.output.dir))
+        self.dist = Distributed()
+        self.interrupts = Interrupts()
+        self.progress = Progress()
+        self.device = torch.device("cpu")
+        self.inputs: Inputs | None = None  # set by plan()
+        self._session: Session | None = None  # set by setup()
         self._built: str | None = None  # "training" or "producing" once set up
 
     @classmethod
@@ -87,67 +92,70 @@ class Run:
         """Train for ``rs.max_steps`` global steps; the per-step metrics (also in ``metrics.jsonl``).
         ``resume=True`` continues from the newest checkpoint, a path from that checkpoint."""
         self.setup(training=True, resume=resume)
-        return loop.train(self.parts)
+        return loop.train(self.session)
 
     def step(self) -> dict[str, Any]:
-        """One more global step, on its own: no checkpoint, no validation (benchmarks, notebooks)."""
+        """One more global step, on its own: no checkpoint, no validation, no metrics file (benchmarks,
+        notebooks); its rollouts are written as in training."""
         self.setup(training=True)
-        progress = self.parts.progress
-        record = loop.global_step(self.parts, progress.completed_step + 1)
-        progress.history.append(record)
-        progress.completed_step += 1
-        return record
+        return loop.global_step(self.session, self.progress.next_step, NoLoggers())
 
     def produce(self, out: str | Path, *, limit: int | None = None, write_all: bool = False) -> dict[str, int]:
         """Best-of-N data production, no training: the kept (prompt, response) pairs as JSONL."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ConfigError([f"limit: expected a whole number of prompts >= 1 (or None for all), got {limit!r}"])
         self.setup(training=False)
-        return loop.produce(self.parts, Path(out), limit=limit, write_all=write_all)
+        return loop.produce(self.session, Path(out), limit=limit, write_all=write_all)
 
     def plan(self, training: bool = True) -> MemoryPlan:
         """The memory plan, from the config, the model's config and the prompts (nothing heavy)."""
-        parts = self.parts
         if self._built is None:  # a dry run; a real one has resolved the device (its rank's GPU) already
-            parts.device = resolve_device(self.config.model.device)
-        parts.reporter.phase("reading the tokenizer, the model config and the prompts")
-        parts.tokenizer = load_tokenizer(self.config.model.path)
-        model_config = load_model_config(self.config.model.path, parts.tokenizer)
-        parts.train_prompts, parts.skipped_long_prompts = self._prompts(self.config.data.train, model_config)
+            self.device = resolve_device(self.config.model.device)
+        self.reporter.phase("reading the tokenizer, the model config and the prompts")
+        tokenizer = load_tokenizer(self.config.model.path)
+        model_config = load_model_config(self.config.model.path, tokenizer)
+        train_prompts, skipped = self._prompts(self.config.data.train, tokenizer, model_config)
+        val_prompts: list[Prompt] = []
         if self.config.data.validation:
-            parts.val_prompts = self._prompts(self.config.data.validation, model_config)[0]
+            val_prompts = self._prompts(self.config.data.validation, tokenizer, model_config)[0]
         if self.config.rs.val_max_prompts is not None:
-            parts.val_prompts = parts.val_prompts[: self.config.rs.val_max_prompts]
-        if parts.skipped_long_prompts:
-            parts.reporter.info(f"skipped {parts.skipped_long_prompts} training prompts longer than the limit")
+            val_prompts = val_prompts[: self.config.rs.val_max_prompts]
+        if skipped:
+            self.reporter.info(f"skipped {skipped} training prompts longer than the limit")
         generator_cls = self.registry.get("generator", self.config.generator.type)
-        parts.memory_plan = plan_run_memory(
-            self.config, model_config, parts.train_prompts, parts.device, training, parts.dist.world_size, generator_cls
+        memory_plan = plan_run_memory(
+            self.config, model_config, train_prompts, self.device, training, self.dist.world_size, generator_cls
         )
-        return parts.memory_plan
+        self.inputs = Inputs(tokenizer, train_prompts, val_prompts, skipped, memory_plan)
+        return memory_plan
+
+    @property
+    def session(self) -> Session:
+        """The built run (after ``setup()``, which ``train()``, ``step()`` and ``produce()`` call)."""
+        if self._session is None:
+            raise RuntimeError("this Run is not set up yet: call setup(), train(), step() or produce() first")
+        return self._session
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """The metrics records of the steps trained so far."""
-        return self.parts.progress.history
+        return self.progress.history
 
     @property
     def model(self) -> torch.nn.Module | None:
         """The policy being trained (after ``train()`` has set the run up)."""
-        return self.parts.model
+        return self._session.policy.model if self._session is not None else None
 
     @property
     def is_main_process(self) -> bool:
-        return self.parts.dist.is_main
+        return self.dist.is_main
 
     def close(self) -> None:
         """Release the plugins (servers, engines), the run directory's lock and the process group."""
-        parts = self.parts
-        for plugin in (parts.generator, parts.scorer, parts.validation_scorer):
-            if plugin is not None:
-                plugin.close()
-        parts.run_dir.release()
-        parts.dist.close()
+        if self._plugins is not None:
+            self._plugins.close()
+        self.run_dir.release()
+        self.dist.close()
 
     def __enter__(self) -> Run:
         return self
@@ -157,6 +165,8 @@ class Run:
 
     # --- building -----------------------------------------------------------------------------
 
+    _plugins: Plugins | None = None  # closed by close(), even when setup() failed after building them
+
     def setup(self, *, training: bool = True, resume: bool | str = False) -> None:
         """Build everything (optional: ``train()``, ``step()`` and ``produce()`` do it when needed)."""
         purpose = "training" if training else "producing"
@@ -165,7 +175,7 @@ class Run:
         if self._built is not None:
             raise RuntimeError(f"this Run was already set up for {self._built}; make a new Run for this")
         self._built = purpose
-        cfg, parts = self.config, self.parts
+        cfg = self.config
         precision_warning = check_trainable_precision(cfg.model.dtype, cfg.optim.master_weights) if training else None
         if training and cfg.model.lora is not None and cfg.optim.strategy == "fsdp":
             raise ConfigError(
@@ -173,126 +183,164 @@ class Run:
             )
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        parts.dist = init_distributed(cfg.distributed.timeout_s)
-        if parts.dist.enabled:
-            # torchrun delivers signals to every rank, which would stop at different phases and leave
-            # the others waiting in a collective: let signals end the job; resume from the last checkpoint.
-            parts.interrupts = Interrupts(enabled=False)
-            parts.reporter.quiet = parts.reporter.quiet or not parts.dist.is_main
-            if cfg.rs.prompts_per_step % parts.dist.world_size:
-                raise ConfigError(
-                    [
-                        f"rs.prompts_per_step: {cfg.rs.prompts_per_step} prompts cannot be split evenly over "
-                        f"{parts.dist.world_size} ranks"
-                    ]
-                )
-        parts.device = resolve_device(cfg.model.device)
-        if parts.dist.backend == "nccl":
-            parts.device = torch.device("cuda", parts.dist.local_rank)
-        self.plan(training)  # light inputs and the memory plan first: stop before anything heavy
-        if not parts.memory_plan.fits and cfg.model.memory_check:
-            raise ConfigError([parts.memory_plan.refusal()])
-        resume_path = self._prepare_directory(resume) if training else None
-        self._load_policy(training)
+        self._join_process_group()
+        self.device = resolve_device(cfg.model.device)
+        if self.dist.backend == "nccl":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        memory_plan = self.plan(training)  # light inputs and the memory plan first: stop before anything heavy
+        inputs = self.inputs
+        assert inputs is not None  # plan() set it
+        if not memory_plan.fits and cfg.model.memory_check:
+            raise ConfigError([memory_plan.refusal()])
+        resume_path = self._prepare_directory(resume, memory_plan) if training else None
+        policy = self._load_policy(training, inputs)
         if precision_warning:
-            parts.reporter.info(f"[yellow]warning:[/] {precision_warning}")
+            self.reporter.info(f"[yellow]warning:[/] {precision_warning}")
         self._warn_greedy_duplicates()
-        self._build_plugins()
-        parts.trainer = Trainer(
-            parts.holder.train_model,
-            parts.loss,
+        plugins = self._plugins = self._build_plugins(policy.model, inputs.tokenizer)
+        trainer = Trainer(
+            policy.holder.train_model,
+            plugins.loss,
             cfg.optim,
             max_steps=cfg.rs.max_steps,
-            pad_id=parts.tokenizer.pad_token_id,
-            device=parts.device,
+            pad_id=inputs.tokenizer.pad_token_id,
+            device=self.device,
             seed=cfg.rs.seed,
-            interrupt_check=parts.interrupts.check,
-            dist=parts.dist,
-            on_micro_batch=parts.reporter.advance,
+            interrupt_check=self.interrupts.check,
+            dist=self.dist,
+            on_micro_batch=self.reporter.advance,
         )
-        parts.trainset = training_set_for(cfg.rs)
-        parts.guardrails = Guardrails(cfg.guardrails)
-        if training and parts.dist.is_main:
-            sizes = checkpoint_sizes(parts.model, parts.trainer.params, cfg.output, lora=parts.peft_model is not None)
-            parts.run_dir.check_space(*sizes)
+        self._session = Session(
+            config=cfg,
+            registry=self.registry,
+            reporter=self.reporter,
+            run_dir=self.run_dir,
+            dist=self.dist,
+            interrupts=self.interrupts,
+            device=self.device,
+            inputs=inputs,
+            policy=policy,
+            plugins=plugins,
+            stream=PromptStream(inputs.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle),
+            trainer=trainer,
+            trainset=training_set_for(cfg.rs),
+            guardrails=Guardrails(cfg.guardrails),
+            progress=self.progress,
+        )
+        if training and self.dist.is_main:
+            sizes = checkpoint_sizes(policy.model, trainer.params, cfg.output, lora=policy.lora)
+            self.run_dir.check_space(*sizes)
         if resume_path is not None:
-            phases.resume(parts, resume_path, fall_back=resume is True)
-        parts.reporter.done()
+            Saver(self._session).resume(resume_path, fall_back=resume is True)
+        self.reporter.done()
 
-    def _prepare_directory(self, resume: bool | str) -> Path | None:
+    def _join_process_group(self) -> None:
+        """Under torchrun: the process group, and what it changes (signals, the console)."""
+        cfg = self.config
+        self.dist = init_distributed(cfg.distributed.timeout_s)
+        if not self.dist.enabled:
+            return
+        # torchrun delivers signals to every rank, which would stop at different phases and leave
+        # the others waiting in a collective: let signals end the job; resume from the last checkpoint.
+        self.interrupts = Interrupts(enabled=False)
+        self.reporter.quiet = self.reporter.quiet or not self.dist.is_main
+        if cfg.rs.prompts_per_step % self.dist.world_size:
+            raise ConfigError(
+                [
+                    f"rs.prompts_per_step: {cfg.rs.prompts_per_step} prompts cannot be split evenly over "
+                    f"{self.dist.world_size} ranks"
+                ]
+            )
+
+    def _prepare_directory(self, resume: bool | str, memory_plan: MemoryPlan) -> Path | None:
         """Lock the directory, then check the resume point, and only then write anything: a refused
         resume leaves the run exactly as it was."""
-        cfg, parts = self.config, self.parts
-        if parts.dist.is_main:
-            parts.run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, origin=cfg.origin)
-        parts.dist.barrier()
-        resume_path = phases.resume_point(parts, resume) if resume else None
-        if parts.dist.is_main:
-            parts.run_dir.write_config(dump_config(cfg))
-            parts.run_dir.write_atomic(parts.run_dir.path / "memory_plan.txt", parts.memory_plan.render() + "\n")
-        parts.dist.barrier()
+        cfg, run_dir = self.config, self.run_dir
+        if self.dist.is_main:
+            run_dir.prepare(resume=bool(resume), overwrite=cfg.output.overwrite, origin=cfg.origin)
+        self.dist.barrier()
+        resume_path = None
+        if resume:
+            warn = self.reporter.warning
+            resume_path = resume_point(resume, run_dir, cfg, self.registry, self.dist, warn)
+        if self.dist.is_main:
+            run_dir.write_config(dump_config(cfg))
+            run_dir.write_atomic(run_dir.path / "memory_plan.txt", memory_plan.render() + "\n")
+        self.dist.barrier()
         return resume_path
 
-    def _load_policy(self, training: bool) -> None:
-        cfg, parts = self.config, self.parts
-        parts.reporter.phase(f"loading model {cfg.model.path}")
+    def _load_policy(self, training: bool, inputs: Inputs) -> Policy:
+        cfg = self.config
+        self.reporter.phase(f"loading model {cfg.model.path}")
         t0 = time.perf_counter()
-        parts.model, parts.tokenizer = load_policy(
-            cfg.model.path, cfg.model.dtype, cfg.rs.seed, parts.tokenizer, parts.device
+        model, inputs.tokenizer = load_policy(
+            cfg.model.path, cfg.model.dtype, cfg.rs.seed, inputs.tokenizer, self.device
         )
-        parts.peft_model = apply_lora(parts.model, cfg.model.lora, cfg.rs.seed) if cfg.model.lora else None
-        parts.model.to(parts.device)
+        peft_model = apply_lora(model, cfg.model.lora, cfg.rs.seed) if cfg.model.lora else None
+        model.to(self.device)
         if training and cfg.optim.activation_checkpointing:
-            enable_activation_checkpointing(parts.model)
+            enable_activation_checkpointing(model)
+        base_state = None
         if cfg.rs.restart_from_base:  # the weights every step restarts from (before any resume)
-            parts.base_state = {k: v.detach().to("cpu", copy=True) for k, v in parts.model.state_dict().items()}
-        trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in parts.model.parameters())
-        adapters = f", {trainable / 1e6:.2f}M of them LoRA adapters" if parts.peft_model is not None else ""
-        parts.reporter.info(
+            base_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        adapters = f", {trainable / 1e6:.2f}M of them LoRA adapters" if peft_model is not None else ""
+        self.reporter.info(
             f"model {cfg.model.path}: {total / 1e6:.1f}M parameters{adapters}, {cfg.model.dtype} "
-            f"on {parts.device} ({time.perf_counter() - t0:.1f}s); planned peak memory "
-            f"{format_bytes(parts.memory_plan.peak)}"
+            f"on {self.device} ({time.perf_counter() - t0:.1f}s); planned peak memory "
+            f"{format_bytes(inputs.memory_plan.peak)}"
         )
         masters = wants_master_weights(cfg.optim.master_weights, DTYPES[cfg.model.dtype])
-        parts.holder = PolicyHolder(parts.model, parts.dist, cfg.optim.strategy, master_weights=masters)
-        if cfg.optim.strategy == "fsdp" and not parts.holder.sharded:
-            parts.reporter.info("optim.strategy fsdp: one process, nothing to shard (it applies under torchrun)")
-        parts.stream = PromptStream(parts.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle)
+        holder = PolicyHolder(model, self.dist, cfg.optim.strategy, master_weights=masters)
+        if cfg.optim.strategy == "fsdp" and not holder.sharded:
+            self.reporter.info("optim.strategy fsdp: one process, nothing to shard (it applies under torchrun)")
+        return Policy(model=model, holder=holder, peft_model=peft_model, base_state=base_state)
 
-    def _build_plugins(self) -> None:
-        cfg, parts = self.config, self.parts
+    def _build_plugins(self, model: torch.nn.Module, tokenizer: Any) -> Plugins:
+        cfg, interrupts = self.config, self.interrupts
         context = PluginContext(
-            tokenizer=parts.tokenizer,
-            policy=parts.model,
-            device=parts.device,
+            tokenizer=tokenizer,
+            policy=model,
+            device=self.device,
             seed=cfg.rs.seed,
-            should_stop=lambda: parts.interrupts.requested,
+            should_stop=lambda: interrupts.requested,
             registry=self.registry,
+            sampling=sampling_params(cfg),
         )
-        parts.reporter.phase("starting plugins")
-        parts.generator = instantiate(self.registry, "generator", cfg.generator, context)
-        parts.scorer = wrap_scorer(instantiate(self.registry, "scorer", cfg.scorer, context), cfg.scorer.options)
-        parts.selector = instantiate(self.registry, "selector", cfg.selector, context)
-        parts.loss = instantiate(self.registry, "loss", cfg.loss, context)
-        if cfg.validation_scorer is not None:
-            scorer = instantiate(self.registry, "scorer", cfg.validation_scorer, context)
-            parts.validation_scorer = wrap_scorer(scorer, cfg.validation_scorer.options)
+        self.reporter.phase("starting plugins")
+        started: list[Generator | Scorer] = []  # closed again if a later plugin fails to start
+        try:
+            generator = instantiate(self.registry, "generator", cfg.generator, context)
+            started.append(generator)
+            scorer = wrap_scorer(instantiate(self.registry, "scorer", cfg.scorer, context), cfg.scorer.scorer_options())
+            started.append(scorer)
+            selector = instantiate(self.registry, "selector", cfg.selector, context)
+            loss = instantiate(self.registry, "loss", cfg.loss, context)
+            validation_scorer = None
+            if cfg.validation_scorer is not None:
+                built = instantiate(self.registry, "scorer", cfg.validation_scorer, context)
+                validation_scorer = wrap_scorer(built, cfg.validation_scorer.scorer_options())
+        except BaseException:
+            for plugin in started:
+                plugin.close()
+            raise
+        return Plugins(generator, scorer, selector, loss, validation_scorer)
 
     def _warn_greedy_duplicates(self) -> None:
         cfg = self.config
-        if getattr(cfg.generator.config, "temperature", None) == 0 and cfg.rs.num_rollouts_per_prompt > 1:
-            self.parts.reporter.info(
+        if sampling_params(cfg).temperature == 0 and cfg.rs.num_rollouts_per_prompt > 1:
+            self.reporter.info(
                 f"[yellow]warning:[/] generator.temperature=0 decodes greedily: the {cfg.rs.num_rollouts_per_prompt} "
                 "responses of each prompt will be identical, leaving the selector nothing to choose from"
             )
 
-    def _prompts(self, source: str, model_config: Any) -> tuple[list[Prompt], int]:
+    def _prompts(self, source: str, tokenizer: Any, model_config: Any) -> tuple[list[Prompt], int]:
         data = self.config.data
         limit, limit_name = prompt_token_limit(self.config, model_config)
         return load_prompts(
             source,
-            self.parts.tokenizer,
+            tokenizer,
             field=data.field,
             messages_field=data.messages_field,
             chat_template=data.chat_template,
@@ -335,7 +383,7 @@ def prompt_token_limit(config: RunConfig, model_config: Any) -> tuple[int | None
     if config.data.max_prompt_tokens is not None:
         limits.append((config.data.max_prompt_tokens, f"data.max_prompt_tokens={config.data.max_prompt_tokens}"))
     context = getattr(model_config, "max_position_embeddings", None)
-    new_tokens = getattr(config.generator.config, "max_new_tokens", 0) or 0
+    new_tokens = sampling_params(config).max_new_tokens
     if isinstance(context, int):
         if new_tokens >= context:
             raise ConfigError(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from thresher.core.config.schema import ScorerOptions
 from thresher.core.errors import ScorerError
 from thresher.core.types import PartRewards, ReportsMetrics, Rollout, is_remote
 
@@ -67,8 +68,9 @@ class DedupScorer:
         names = next((list(p) for _, p in known.values() if p), None)
         if names is None:
             return total
-        parts = {name: torch.tensor([known[key][1][name] for key in keys], dtype=torch.float32) for name in names}
-        return PartRewards(total, parts)
+        named = {key: value[1] or {} for key, value in known.items()}  # all have parts, or none has
+        by_part = {name: torch.tensor([named[key][name] for key in keys], dtype=torch.float32) for name in names}
+        return PartRewards(total, by_part)
 
     def metrics(self) -> dict[str, float]:
         """Rollouts not sent to the scorer since the last report, plus the scorer's own metrics."""
@@ -80,9 +82,9 @@ class DedupScorer:
         self.scorer.close()
 
 
-def wrap_scorer(scorer: Any, options: dict[str, Any]) -> Any:
+def wrap_scorer(scorer: Any, options: ScorerOptions) -> Any:
     """The scorer with the framework's options applied (``dedup``, ``cache``)."""
-    cache = options.get("cache")
-    if options.get("dedup", True) is False and cache is None:
+    cache = options.cache
+    if not options.dedup and cache is None:
         return scorer
-    return DedupScorer(scorer, cache_size=cache["size"] if cache else None)
+    return DedupScorer(scorer, cache_size=cache.size if cache else None)

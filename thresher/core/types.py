@@ -8,13 +8,17 @@ accept and ignore it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from thresher.core.config.sampling import SamplingParams
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -68,6 +72,9 @@ class PluginContext:
     # continues after (0 for a fresh run): records of later steps written before were discarded.
     run_dir: Path | None = None
     resumed_step: int = 0
+    # Generators: the sampling parameters of the run (N, max_new_tokens, temperature, top-p/k), as the
+    # core reads them from the generator's section (see thresher.core.config.sampling).
+    sampling: SamplingParams | None = None
 
 
 class Plugin(Protocol):
@@ -202,6 +209,13 @@ class PlansMemory(Protocol):
 
     @classmethod
     def memory_items(cls, config: Any, run: Any) -> list[Any]: ...
+
+
+def reads_rollouts(selector: Selector) -> bool:
+    """A selector that declares a ``rollouts`` parameter in ``select`` (the one way to ask for them):
+    it then gets the rollouts grouped by prompt, ``rollouts[p][s]``. A Protocol cannot tell a
+    parameter apart, so this one capability is read from the signature, here and nowhere else."""
+    return "rollouts" in inspect.signature(selector.select).parameters
 
 
 def is_remote(scorer: object) -> bool:

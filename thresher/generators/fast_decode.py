@@ -23,9 +23,12 @@ import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from thresher.core.model import CausalLM
+from thresher.core.types import FinishReason
 from thresher.generators.shared_prefix import SharedPrefix, shared_prefix_attention, supports_shared_prefix
 
 
@@ -57,7 +60,7 @@ def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(
-    model: torch.nn.Module,
+    model: CausalLM,
     prompts: list[tuple[int, ...]],
     n: int,
     sampling: Sampling,
@@ -70,7 +73,7 @@ def decode(
     shared_prefill: bool = True,
     compaction: bool = True,
     shared_kv: bool = True,
-) -> list[tuple[list[int], str]]:
+) -> list[tuple[list[int], FinishReason]]:
     """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason)``.
 
     ``shared_kv`` (with ``shared_prefill``): the N samples of a prompt read one copy of its KV cache
@@ -86,7 +89,7 @@ def decode(
 
     generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[list[int]] = [[] for _ in range(rows)]
-    reasons = ["length"] * rows
+    reasons: list[FinishReason] = ["length"] * rows
     active = torch.arange(rows, device=device)  # original row of each batch row
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), device=device)
@@ -143,8 +146,8 @@ def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device
 
 
 def _prefill(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int, shared_kv: bool
-) -> tuple[object, torch.Tensor, torch.Tensor, torch.Tensor, SharedPrefix | None]:
+    model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, n: int, shared_kv: bool
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, SharedPrefix | None]:
     """Run the prompts once; return the decode's cache, first logits, mask and next positions, one row
     per sample (each prompt's row repeated ``n`` times), and the shared prefix when one is used."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -173,6 +176,6 @@ def _accepts(model: torch.nn.Module, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
-def _cache_of(output: object) -> object:
+def _cache_of(output: Any) -> Any:  # a transformers model output, and its cache
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values

@@ -240,7 +240,7 @@ class HFGenerator:
         return self.merged
 
     def _rollouts(
-        self, chunk: list[Prompt], first_group: int, n: int, results: list[tuple[list[int], str]]
+        self, chunk: list[Prompt], first_group: int, n: int, results: list[tuple[list[int], FinishReason]]
     ) -> list[Rollout]:
         rollouts = []
         for row, (ids, reason) in enumerate(results):

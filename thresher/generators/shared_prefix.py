@@ -20,8 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+
+from thresher.core.model import CausalLM
 
 ATTENTION_NAME = "thresher_shared_prefix"
 # Model types whose attention modules call ``past_key_values.update`` and then the attention
@@ -46,7 +49,7 @@ class SharedPrefix:
     active: torch.Tensor | None = None
 
     @classmethod
-    def from_cache(cls, cache: object, attention_mask: torch.Tensor, n: int) -> SharedPrefix:
+    def from_cache(cls, cache: Any, attention_mask: torch.Tensor, n: int) -> SharedPrefix:
         """Take the prefill's cache (one row per prompt) and its 2-D attention mask."""
         layers = cache.layers
         bias = torch.zeros(attention_mask.shape, dtype=layers[0].keys.dtype, device=attention_mask.device)
@@ -58,7 +61,7 @@ class SharedPrefix:
         return replace(self, active=None if active.numel() == self.bias.shape[0] * self.n else active)
 
 
-def supports_shared_prefix(model: torch.nn.Module) -> bool:
+def supports_shared_prefix(model: CausalLM) -> bool:
     """Whether :func:`attention` computes exactly this model's attention."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
@@ -68,7 +71,7 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def shared_prefix_attention(model: torch.nn.Module) -> Iterator[None]:
+def shared_prefix_attention(model: CausalLM) -> Iterator[None]:
     """Route ``model``'s attention through :func:`attention` for the duration of the block."""
     from transformers import AttentionInterface
 
@@ -82,7 +85,7 @@ def shared_prefix_attention(model: torch.nn.Module) -> Iterator[None]:
 
 
 def attention(
-    module: torch.nn.Module,
+    module: Any,  # an attention layer of the model (its layer_idx)
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,

@@ -34,16 +34,19 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from thresher.core.model import CausalLM
+from thresher.core.types import FinishReason
 from thresher.generators.fast_decode import Sampling, filter_logits, left_pad
 from thresher.generators.shared_prefix import supports_shared_prefix
 
 MIN_BUCKET = 8
 
 
-def supports_static_decode(model: torch.nn.Module) -> bool:
+def supports_static_decode(model: CausalLM) -> bool:
     """Whether :class:`StaticDecoder` computes exactly this model's decode step."""
     inner = getattr(model, "model", None)
     return (
@@ -90,7 +93,7 @@ class StaticDecoder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         shape: DecoderShape,
         *,
         eos_ids: set[int],
@@ -99,7 +102,7 @@ class StaticDecoder:
         use_graphs: bool,
         sync_every: int = 8,
         compaction: bool = True,
-        merged: dict[torch.nn.Module, torch.Tensor] | None = None,
+        merged: dict[Any, torch.Tensor] | None = None,
     ):
         self.model, self.shape, self.pad_id = model, shape, pad_id
         self.device = next(model.parameters()).device
@@ -135,7 +138,7 @@ class StaticDecoder:
         self.suppress = torch.tensor(suppress or [], dtype=torch.long, device=dev)
         self.sampling = Sampling(shape.max_new_tokens, 1.0, shape.top_p, shape.top_k, shape.greedy)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
+        self.pool: Any = None  # the CUDA graphs' memory pool (torch.cuda.graph_pool_handle), shared by all
         self.capture_seconds = 0.0
         # LoRA-adapted linears decode from a merged copy of their weight (refreshed every call): the
         # unmerged adapter adds two small matmuls per linear, which cost more than the big one here.
@@ -174,14 +177,14 @@ class StaticDecoder:
         self.finished.index_put_((rows,), self.finished.index_select(0, rows) | torch.isin(chosen, self.eos))
         self.step_index.add_(1)
 
-    def _linear(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """The module, or for a LoRA-adapted one its merged weight (one matmul instead of three)."""
         merged = self.merged.get(module)
         if merged is None:
             return module(x)
         return torch.nn.functional.linear(x, merged, module.base_layer.bias)
 
-    def _mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
         if not self.merged:
             return mlp(x)
         return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
@@ -245,7 +248,7 @@ class StaticDecoder:
         temperature: float,
         seed: int,
         stop_check: Callable[[list[int]], int | None] | None = None,
-    ) -> list[tuple[list[int], str]]:
+    ) -> list[tuple[list[int], FinishReason]]:
         """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason)``.
 
         ``stop_check(tokens)`` returns the index of the token that completed a stop string, or None.
@@ -260,7 +263,7 @@ class StaticDecoder:
 
     def _decode(
         self, prompts: list[tuple[int, ...]], temperature: float, stop_check: Callable[[list[int]], int | None] | None
-    ) -> list[tuple[list[int], str]]:
+    ) -> list[tuple[list[int], FinishReason]]:
         n, shape = self.shape.n, self.shape
         live = len(prompts) * n
         self.temperature.fill_(temperature)
@@ -324,7 +327,7 @@ class StaticDecoder:
             if tokens is not None:  # a stop string that completed before the row's EOS ends it there
                 ids = tokens[row]
                 end = next((i for i, token in enumerate(ids) if token in eos), len(ids))
-                at = stop_check(ids[:end])
+                at = stop_check(ids[:end]) if stop_check is not None else None
                 if at is not None:
                     done[row], cut[row] = True, at
                     continue
@@ -395,10 +398,10 @@ class StaticDecoder:
             return self.rows
         return min(b for b in buckets_for(self.rows) if b >= rows)
 
-    def _results(self, live: int, cut: dict[int, int]) -> list[tuple[list[int], str]]:
+    def _results(self, live: int, cut: dict[int, int]) -> list[tuple[list[int], FinishReason]]:
         tokens = self.tokens[:live].tolist()
         eos = set(self.eos.tolist())
-        results = []
+        results: list[tuple[list[int], FinishReason]] = []
         for row, ids in enumerate(tokens):
             end = next((i for i, token in enumerate(ids) if token in eos), None)
             stop = cut.get(row)
@@ -411,14 +414,14 @@ class StaticDecoder:
         return results
 
 
-def merged_weight_buffers(model: torch.nn.Module) -> dict[torch.nn.Module, torch.Tensor]:
+def merged_weight_buffers(model: CausalLM) -> dict[Any, torch.Tensor]:
     """One buffer per LoRA-adapted linear of the decoder layers (peft ``lora.Linear``), for its merged
     weight; empty for a model without adapters. Decoders of one generator share them."""
     try:
         from peft.tuners.lora import Linear
     except ImportError:
         return {}
-    adapted = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+    adapted: list[Any] = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
     return {m: torch.empty_like(m.base_layer.weight) for m in adapted}
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
+from thresher.core.config import Section
 from thresher.core.run.metrics import MetricsWriter
 from thresher.core.types import PluginContext
 
@@ -17,8 +16,8 @@ from thresher.core.types import PluginContext
 class JsonlLogger:
     name: ClassVar[str] = "jsonl"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
+        """No options: metrics.jsonl is always written."""
 
     def __init__(self, config: Config, context: PluginContext):
         if context.run_dir is None:

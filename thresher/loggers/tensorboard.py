@@ -29,8 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from thresher.core.config import Section
 from thresher.core.errors import PluginError
 from thresher.core.types import PluginContext
 
@@ -88,8 +89,7 @@ def numeric(value: Any) -> float | None:
 class TensorBoardLogger:
     name: ClassVar[str] = "tensorboard"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         samples: int = Field(1, ge=0, description="Best and worst kept responses shown as text each step.")
         histograms: bool = Field(True, description="Histograms of each step's rewards (all, kept).")
 

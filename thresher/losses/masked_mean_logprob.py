@@ -19,16 +19,16 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from thresher.core.config import Section
 from thresher.core.types import PluginContext
 
 
 class MaskedMeanLogprobLoss:
     name: ClassVar[str] = "masked_mean_logprob"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         normalize: Literal["sequence", "token"] = Field(
             "sequence", description="Average per sequence then over sequences, or over all tokens."
         )

@@ -137,10 +137,11 @@ class CombineScorer:
 
     def _score_parts(self, rollouts: list[Rollout]) -> dict[str, torch.Tensor]:
         """Every part's raw rewards; remote parts in flight together while local ones compute."""
+        pool = self._pool  # present whenever a part is remote
         futures = {
-            part.name: self._pool.submit(scorer.score, rollouts)
+            part.name: pool.submit(scorer.score, rollouts)
             for part, scorer in zip(self.config.parts, self.parts, strict=True)
-            if is_remote(scorer)
+            if is_remote(scorer) and pool is not None
         }
         results: dict[str, Any] = {
             part.name: scorer.score(rollouts)

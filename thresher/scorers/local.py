@@ -11,12 +11,13 @@ Example config section::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors import SafetensorError
 
+from thresher.core.config import Section
 from thresher.core.errors import ConfigError
 from thresher.core.model import DTYPES, damaged_weights, resolve_device
 from thresher.core.types import PluginContext, Rollout
@@ -25,8 +26,7 @@ from thresher.core.types import PluginContext, Rollout
 class LocalRewardModelScorer:
     name: ClassVar[str] = "local"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         path: str = Field(..., description="Directory of a sequence-classification reward model.")
         batch_size: int = Field(16, ge=1, description="Responses per forward pass.")
         device: str | None = Field(None, description="Torch device; default: the policy's device.")
@@ -52,7 +52,7 @@ def _context_device(context: PluginContext | None) -> torch.device:
     return context.device if context is not None else torch.device("cpu")
 
 
-def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """Load a one-label sequence classifier and its tokenizer from a local directory."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -88,7 +88,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[to
 
 @torch.no_grad()
 def score_texts(
-    model: torch.nn.Module, tokenizer: object, texts: list[str], batch_size: int, max_length: int | None
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], batch_size: int, max_length: int | None
 ) -> torch.Tensor:
     """Rewards for ``texts`` in batches: the single logit of each, as float32 on the CPU."""
     device = next(model.parameters()).device

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from thresher.core.config import Section
 from thresher.core.errors import ConfigError, ScorerError, guard_user_code
 from thresher.core.types import PluginContext, Rollout
 
@@ -38,8 +39,7 @@ from thresher.core.types import PluginContext, Rollout
 class RuleScorer:
     name: ClassVar[str] = "rule"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         function: str = Field(..., description="Reward function as module:function or file.py:function.")
         batch_size: int = Field(256, ge=1, description="Responses per call of the function.")
 
@@ -123,7 +123,7 @@ def check_rewards(result: Any, expected: int, label: str) -> list[float]:
         try:
             rewards.append(float(value))
         except OverflowError:  # an int beyond float's range: infinite, handled like any non-finite reward
-            rewards.append(math.inf if value > 0 else -math.inf)
+            rewards.append(math.inf if value > 0 else -math.inf)  # type: ignore[operator]  # an int here
     return rewards
 
 

@@ -52,6 +52,7 @@ def add_serve_rm(app: typer.Typer) -> None:
             raise ConfigError(
                 ["serve-rm: give exactly one of --model DIR, --rule module:function, --scorer SECTION or --config FILE"]
             )
+        backend: Any
         if rule:
             backend, source = RuleBackend(rule), f"rule {rule}"
         elif model:

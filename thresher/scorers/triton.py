@@ -31,8 +31,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from thresher.core.config import Section
 from thresher.core.errors import ConfigError, ScorerError, ScoringInterrupted
 from thresher.core.types import PluginContext, Rollout
 
@@ -49,8 +50,7 @@ class TritonScorer:
     # Computes elsewhere: the engine overlaps its requests with generation (rs.overlap_scoring: auto).
     remote: ClassVar[bool] = True
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         url: str = Field("grpc://127.0.0.1:8001", description="grpc://HOST:PORT or http://HOST:PORT.")
         model_name: str = Field("reward_model", description="Model name on the server.")
         model_version: str = Field("", description="Model version ('' for the server's choice).")

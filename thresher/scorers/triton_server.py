@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -121,7 +121,7 @@ class ScorerBackend:
         self.scorer = scorer
 
     def __call__(self, rows: dict[str, list[Any]]) -> np.ndarray:
-        from thresher.core.types import Prompt, Rollout
+        from thresher.core.types import FinishReason, Prompt, Rollout
 
         count = len(next(iter(rows.values())))
         extras = rows.get(EXTRA) or [{} for _ in range(count)]
@@ -130,7 +130,7 @@ class ScorerBackend:
             extra = {k: v for k, v in extras[i].items() if k != "finish_reason"}
             prompt = Prompt(i, rows[PROMPTS][i] if PROMPTS in rows else "", (), extra)
             response = rows[RESPONSES][i] if RESPONSES in rows else rows[SENTENCES][i]
-            reason = extras[i].get("finish_reason") or "eos"
+            reason = cast(FinishReason, extras[i].get("finish_reason") or "eos")  # as the client sent it
             rollouts.append(Rollout(prompt, i, 0, [], response, reason))
         from thresher.core.types import PartRewards
 

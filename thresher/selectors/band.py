@@ -15,18 +15,19 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from thresher.core.build import build_nested
+from thresher.core.checks import call_selector
+from thresher.core.config import Section
 from thresher.core.nested import SelectorSection
-from thresher.core.types import PluginContext
+from thresher.core.types import PluginContext, ReportsMetrics, Rollout
 
 
 class BandSelector:
     name: ClassVar[str] = "band"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         lo: float | None = Field(None, description="Drop prompts whose mean reward is below this.")
         hi: float | None = Field(None, description="Drop prompts whose mean reward is above this.")
         drop_uniform: bool = Field(True, description="Drop prompts whose valid rewards are all equal.")
@@ -37,7 +38,11 @@ class BandSelector:
         self.inner = build_nested("selector", config.inner, context) if config.inner else None
         self._metrics: dict[str, float] = {}
 
-    def select(self, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def select(
+        self, rewards: torch.Tensor, valid: torch.Tensor, rollouts: list[list[Rollout]] | None = None
+    ) -> torch.Tensor:
+        """Drop whole prompts outside the band, then let ``inner`` choose (with the rollouts, if it
+        takes them), through the same checked call as any selector."""
         count = valid.sum(dim=1)
         masked = torch.where(valid, rewards.float(), torch.zeros_like(rewards, dtype=torch.float))
         mean = masked.sum(dim=1) / count.clamp(min=1)
@@ -54,8 +59,10 @@ class BandSelector:
         self._metrics = {"band_prompts_dropped_fraction": float((~keep_prompt).float().mean())}
         if self.inner is None:
             return eligible
-        return self.inner.select(rewards, eligible) & eligible
+        flat = [r for group in rollouts for r in group] if rollouts is not None else None
+        assert self.config.inner is not None
+        return call_selector(self.inner, rewards, eligible, flat, self.config.inner["type"]) & eligible
 
     def metrics(self) -> dict[str, Any]:
-        inner = getattr(self.inner, "metrics", None)
-        return {**self._metrics, **(inner() if inner else {})}
+        inner = self.inner.metrics() if isinstance(self.inner, ReportsMetrics) else {}
+        return {**self._metrics, **inner}

@@ -17,19 +17,19 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from thresher.core.build import build_nested
 from thresher.core.checks import call_selector
+from thresher.core.config import Section
 from thresher.core.nested import SelectorSections
-from thresher.core.types import PluginContext, Rollout
+from thresher.core.types import PluginContext, ReportsMetrics, Rollout
 
 
 class ChainSelector:
     name: ClassVar[str] = "chain"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         stages: SelectorSections = Field(..., description="Selectors applied in order, each to the previous' kept.")
 
     def __init__(self, config: Config, context: PluginContext | None = None):
@@ -49,6 +49,6 @@ class ChainSelector:
     def metrics(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for stage in self.stages:
-            if hasattr(stage, "metrics"):
+            if isinstance(stage, ReportsMetrics):
                 merged.update(stage.metrics())
         return merged

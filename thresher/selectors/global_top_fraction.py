@@ -16,16 +16,16 @@ import math
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from thresher.core.config import Section
 from thresher.core.types import PluginContext
 
 
 class GlobalTopFractionSelector:
     name: ClassVar[str] = "global_top_fraction"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         fraction: float = Field(..., gt=0, le=1, description="Share of the step's valid rollouts kept.")
         max_per_prompt: int | None = Field(None, ge=1, description="At most this many per prompt.")
 

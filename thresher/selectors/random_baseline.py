@@ -16,9 +16,10 @@ import zlib
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from thresher.core.build import build_nested
+from thresher.core.config import Section
 from thresher.core.nested import SelectorSection
 from thresher.core.types import PluginContext
 
@@ -26,8 +27,7 @@ from thresher.core.types import PluginContext
 class RandomSelector:
     name: ClassVar[str] = "random"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         like: SelectorSection = Field(..., description="The selector whose per-prompt counts are matched.")
         seed: int = Field(0, description="Seeds the random choice (with the step's rewards).")
 

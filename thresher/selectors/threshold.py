@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from thresher.core.config import Section
 from thresher.core.types import PluginContext
 from thresher.selectors.ranking import rank_within_prompt
 
@@ -23,8 +24,7 @@ from thresher.selectors.ranking import rank_within_prompt
 class ThresholdSelector:
     name: ClassVar[str] = "threshold"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         threshold: float = Field(..., description="Keep rewards >= this value.")
         max_per_prompt: int | None = Field(None, ge=1, description="At most this many per prompt.")
 

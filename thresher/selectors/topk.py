@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from thresher.core.config import Section
 from thresher.core.types import PluginContext
 from thresher.selectors.ranking import rank_within_prompt
 
@@ -23,8 +24,7 @@ from thresher.selectors.ranking import rank_within_prompt
 class TopKSelector:
     name: ClassVar[str] = "topk"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(Section):
         top_n_rollouts: int = Field(1, ge=1, description="K: responses kept per prompt (at most N).")
         min_reward: float | None = Field(None, description="Keep only rewards >= this value.")
 

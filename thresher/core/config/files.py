@@ -145,7 +145,7 @@ def load_config(source: str | Path, overrides: list[str], registry: Registry) ->
     raw = read_config_file(source)
     run_dir = run_directory(source)
     if run_dir is not None:
-        output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+        output: dict[str, Any] = raw["output"] if isinstance(raw.get("output"), dict) else {}
         raw["output"] = {**output, "dir": str(source)}
     config = resolve_config(apply_overrides(raw, overrides), registry)
     if run_dir is not None and Path(config.output.dir).expanduser().resolve() != run_dir.resolve():

@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from thresher.core.config.sampling import SamplingConfig, sampling_contract_problem
 from thresher.core.config.schema import FRAMEWORK_OPTIONS, PluginSpec, RunConfig
 from thresher.core.errors import ConfigError
 from thresher.core.registry import PIPELINE_KINDS, Registry
@@ -54,6 +56,8 @@ def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
     except ValidationError as err:
         problems.extend(_format_errors(err, skip_missing={*PIPELINE_KINDS, "validation_scorer"}))
         raise ConfigError(problems) from None
+    if not isinstance(config.generator.config, SamplingConfig):
+        problems.append(sampling_contract_problem(config.generator.type, type(config.generator.config).__name__))
     problems.extend(nonfinite_numbers(config))
     problems.extend(undefined_normalizations(config))
     if problems:
@@ -69,7 +73,7 @@ def undefined_normalizations(config: RunConfig) -> list[str]:
     if n > 1:
         return []
     problems = []
-    mode = config.selector.options.get("normalize", "none")
+    mode = config.selector.selector_options().normalize
     if mode != "none":
         problems.append(
             f"selector.normalize: {mode!r} compares the responses of each prompt, but rs.num_rollouts_per_prompt "
@@ -190,7 +194,7 @@ def _framework_options(kind: str, params: dict[str, Any], where: str, problems: 
     }
 
 
-def _format_errors(err: ValidationError, skip_missing: set[str] = frozenset()) -> list[str]:
+def _format_errors(err: ValidationError, skip_missing: AbstractSet[str] = frozenset()) -> list[str]:
     lines = []
     for e in err.errors():
         loc = e["loc"]
@@ -213,7 +217,7 @@ def _loc_part(part: object) -> str:
     return text if re.fullmatch(r"[A-Za-z0-9_\-\[\]]+", text) else repr(text)
 
 
-def _show_input(error: dict[str, Any]) -> bool:
+def _show_input(error: Any) -> bool:  # a pydantic ErrorDetails
     return error["type"] not in {"missing", "extra_forbidden"} and isinstance(
         error.get("input"), (str, int, float, bool, type(None))
     )

@@ -156,7 +156,6 @@ class OptimConfig(Section):
         "(transformers' gradient checkpointing, non-reentrant): less memory per micro-batch, ~30% more compute.",
     )
 
-
     @field_validator("betas")
     @classmethod
     def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
@@ -252,7 +251,17 @@ class PluginSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: str
     config: SerializeAsAny[BaseModel]
+    # The framework options given in the section that differ from their defaults, as written (so a
+    # dumped config says only what the user said); read them typed with the accessors below.
     options: dict[str, Any] = {}
+
+    def selector_options(self) -> SelectorOptions:
+        """What Thresher does around this selector: ``dedup`` and ``normalize``."""
+        return SelectorOptions.model_validate(self.options)
+
+    def scorer_options(self) -> ScorerOptions:
+        """What Thresher does around this scorer: ``dedup`` and ``cache``."""
+        return ScorerOptions.model_validate(self.options)
 
     def to_section(self) -> dict[str, Any]:
         return {"type": self.type, **self.options, **self.config.model_dump(mode="json")}

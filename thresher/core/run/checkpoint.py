@@ -190,11 +190,6 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return [(s, p) for s, p in steps if (p / "state.json").is_file()]
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    complete = complete_checkpoints(root)
-    return max(complete)[1] if complete else None
-
-
 def file_checksum(path: Path) -> dict[str, int]:
     """Size and CRC-32 of a file, read in 16 MB pieces (fast enough for a checkpoint of any size)."""
     crc = 0
@@ -308,7 +303,8 @@ def python_rng_state() -> dict[str, Any]:
         import numpy as np
     except ImportError:
         return state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state: Any = np.random.get_state()  # the legacy tuple form (typed as str | tuple upstream)
+    kind, keys, pos, has_gauss, cached = numpy_state
     state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
     return state
 

@@ -100,7 +100,7 @@ class RunDir:
         if not self.rollouts.exists():
             self.guarded(lambda: self.rollouts.mkdir(), "rollouts/")
             self.record(self.rollouts)
-        self.record(self.metrics)  # the jsonl logger appends to it from the first step on
+        self.record(self.metrics)  # the run's metrics writer appends to it from the first step on
 
     def write_config(self, config_yaml: str) -> None:
         self.write_atomic(self.path / "config.yaml", config_yaml)

@@ -9,27 +9,33 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
 from thresher.core.build import instantiate
-from thresher.core.components import Components
+from thresher.core.run.metrics import MetricsWriter
 from thresher.core.types import Logger, LogsRollouts, PluginContext
-from thresher.loggers.jsonl import JsonlLogger
+
+if TYPE_CHECKING:
+    from thresher.core.session import Session
+
+# The `jsonl` logger plugin names metrics.jsonl, which the core writes always: listing it changes nothing.
+ALWAYS_ON = "jsonl"
 
 
 class RunLoggers:
     """The loggers of one run (main process only): ``write`` a record, ``log_rollouts`` of a step."""
 
-    def __init__(self, primary: Logger, others: list[Logger], warn: Any, on_close: Any = None):
+    def __init__(self, primary: MetricsWriter, others: list[Logger], warn: Any, on_close: Any = None):
         self.primary = primary
         self.others = others
         self.warn = warn  # one line to the user, e.g. ConsoleReporter.info
         self.on_close = on_close  # records the files the loggers wrote in the run directory
+
     def write(self, record: dict[str, Any]) -> None:
         record = {**record, "time": record.get("time", time.time())}  # every logger sees the same time
-        self.primary.log(record)
+        self.primary.write(record)
         self._each("log", lambda logger: logger.log(record))
 
     def log_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:
@@ -71,49 +77,50 @@ class NoLoggers:
         pass
 
 
-def open_loggers(run: Components) -> RunLoggers | NoLoggers:
+def open_loggers(session: Session) -> RunLoggers | NoLoggers:
     """``metrics.jsonl`` and the configured loggers, for the main process; nothing for the others."""
-    if not run.dist.is_main:
+    if not session.dist.is_main:
         return NoLoggers()
     context = PluginContext(
-        tokenizer=run.tokenizer,
-        device=run.device,
-        seed=run.config.rs.seed,
-        registry=run.registry,
-        run_dir=run.run_dir.path,
-        resumed_step=run.progress.start_step,
+        tokenizer=session.inputs.tokenizer,
+        device=session.device,
+        seed=session.config.rs.seed,
+        registry=session.registry,
+        run_dir=session.run_dir.path,
+        resumed_step=session.progress.start_step,
     )
-    primary = JsonlLogger(JsonlLogger.Config(), context)
+    primary = MetricsWriter(session.run_dir.metrics)
     others: list[Logger] = []
-    before = _logger_files(run.run_dir.path)
+    before = _logger_files(session.run_dir.path)
     try:
-        for spec in run.config.loggers:
-            if spec.type == JsonlLogger.name:  # always on already
+        for spec in session.config.loggers:
+            if spec.type == ALWAYS_ON:
                 continue
             try:
-                others.append(instantiate(run.registry, "logger", spec, context))
+                others.append(instantiate(session.registry, "logger", spec, context))
             except Exception as err:  # a dashboard that cannot start is no reason to lose the run
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                run.reporter.info(
+                session.reporter.info(
                     f"[yellow]warning:[/] logger {spec.type!r} could not start ({escape(reason)}); "
                     "training goes on without it"
                 )
     except BaseException:
-        for logger in [*others, primary]:
+        for logger in others:
             logger.close()
+        primary.close()
         raise
     # What a logger plugin writes into the run directory goes into the manifest, so that
     # ``output.overwrite`` removes it and nothing else: the files it made on opening, and later
     # files in the folders those went to.
-    opened = _logger_files(run.run_dir.path) - before
-    folders = {path.parent for path in opened if path.parent != run.run_dir.path}
-    run.run_dir.record(*sorted(folders), *sorted(opened))
+    opened = _logger_files(session.run_dir.path) - before
+    folders = {path.parent for path in opened if path.parent != session.run_dir.path}
+    session.run_dir.record(*sorted(folders), *sorted(opened))
 
     def record_written() -> None:
-        later = {path for path in _logger_files(run.run_dir.path) - before if path.parent in folders}
-        run.run_dir.record(*sorted(later - opened))
+        later = {path for path in _logger_files(session.run_dir.path) - before if path.parent in folders}
+        session.run_dir.record(*sorted(later - opened))
 
-    return RunLoggers(primary, others, run.reporter.info, on_close=record_written)
+    return RunLoggers(primary, others, session.reporter.info, on_close=record_written)
 
 
 def _logger_files(root: Path) -> set[Path]:

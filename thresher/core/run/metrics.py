@@ -39,13 +39,3 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._handle.close()
-
-
-class NullWriter:
-    """What ranks other than 0 write to: nothing."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

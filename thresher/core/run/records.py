@@ -18,10 +18,11 @@ class ScoredStep:
     """A step's rollouts with their rewards [P, N], validity and the selector's decision."""
 
     rollouts: list[Rollout]
-    rewards: torch.Tensor | None  # None when scoring failed (the rollouts are still written)
-    valid: torch.Tensor | None
-    kept: torch.Tensor | None
-    timings: dict[str, float] = field(default_factory=dict)
+    rewards: torch.Tensor
+    valid: torch.Tensor
+    kept: torch.Tensor
+    # what sampling measured for the step's metrics record: phase times, token counts, plugin metrics
+    step_metrics: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # a combined scorer's parts, flat
 
     def kept_rollouts(self) -> list[Rollout]:

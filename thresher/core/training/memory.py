@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thresher.core.config.sampling import sampling_params
+from thresher.core.model import CausalLM
 from thresher.core.types import PlansMemory
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ ROLLOUT_BYTES = 512
 MASTER_BYTES = 4  # fp32 master weights, gradients and AdamW moments
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+def enable_activation_checkpointing(model: CausalLM) -> None:
     """Recompute each decoder layer's activations during the backward (transformers' gradient
     checkpointing, non-reentrant: it needs no input that requires grad, so frozen embeddings under
     LoRA work, and it composes with ``torch.no_grad`` generation, where it is inactive)."""
@@ -283,12 +285,12 @@ def plan_memory(
     by_name = {i.name: i.bytes for i in items}
     held = sum(i.bytes for i in generator_items or [] if i.persistent) + by_name.get("rollouts", 0)
     persistent = by_name["weights"] + by_name["master weights"] + by_name["optimizer state"] + runtime_bytes + held
-    training = persistent + by_name["gradients"] + by_name["activations"]
-    generation = persistent + sum(i.bytes for i in generator_items or [] if not i.persistent)
+    training_peak = persistent + by_name["gradients"] + by_name["activations"]
+    generation_peak = persistent + sum(i.bytes for i in generator_items or [] if not i.persistent)
     notes = []
     if generator_items is None:
         notes.append(f"the {config.generator.type} generator's own memory is not counted (it plans none)")
-    plan = MemoryPlan(str(device), items, training, generation, available, notes)
+    plan = MemoryPlan(str(device), items, training_peak, generation_peak, available, notes)
     if device.type != "cpu":
         plan.host_needed, plan.host_available = rollouts.bytes, host_available
         plan.notes.append(f"host memory for one step's rollouts: {format_bytes(rollouts.bytes)}")
@@ -297,7 +299,7 @@ def plan_memory(
 
 def _rollouts(config: RunConfig) -> PlanItem:
     """One step's rollouts in host memory: token ids as Python ints, the decoded text, the record."""
-    new_tokens = int(getattr(config.generator.config, "max_new_tokens", 0) or 0)
+    new_tokens = sampling_params(config).max_new_tokens
     count = config.rs.prompts_per_step * config.rs.num_rollouts_per_prompt
     return PlanItem(
         "rollouts",
@@ -308,7 +310,7 @@ def _rollouts(config: RunConfig) -> PlanItem:
 
 
 def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> PlanItem:
-    new_tokens = int(getattr(config.generator.config, "max_new_tokens", 0) or 0)
+    new_tokens = sampling_params(config).max_new_tokens
     batch = config.optim.micro_batch_size
     length = prompt_tokens + new_tokens
     tokens = batch * length

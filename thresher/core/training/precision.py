@@ -103,11 +103,6 @@ class MasterWeights:
             for name, tensor in model.state_dict().items()
         }
 
-    def remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-
 
 def _accumulate_into(master: torch.nn.Parameter):
     """A hook that moves a 16-bit parameter's fresh gradient into ``master.grad`` (fp32), then frees it."""

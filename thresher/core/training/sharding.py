@@ -57,7 +57,8 @@ class PolicyHolder:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.train_model, options=options)
+        state: dict[str, Any] = get_model_state_dict(self.train_model, options=options)
+        return state
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Set both views of the policy to ``state`` (every rank passes the same full state dict)."""
@@ -65,7 +66,8 @@ class PolicyHolder:
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.train_model, state, options=StateDictOptions(full_state_dict=True))
+            full: dict[str, Any] = dict(state)
+            set_model_state_dict(self.train_model, full, options=StateDictOptions(full_state_dict=True))
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's whole state, gathered under FSDP (a collective: every rank must call it)."""
@@ -95,7 +97,7 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) ->
 
     stored = next(model.parameters()).dtype
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    options = {"mp_policy": policy} if compute_dtype != stored else {}
+    options: dict[str, Any] = {"mp_policy": policy} if compute_dtype != stored else {}
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in block_names:

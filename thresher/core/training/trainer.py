@@ -23,6 +23,7 @@ from thresher.core.checks import check_loss_result
 from thresher.core.config import OptimConfig
 from thresher.core.errors import ConfigError, ThresherError
 from thresher.core.faults import failpoint
+from thresher.core.model import CausalLM
 from thresher.core.training.distributed import Distributed, clip_grad_norm
 from thresher.core.training.precision import MasterWeights, wants_master_weights
 from thresher.core.training.sharding import is_sharded
@@ -64,7 +65,7 @@ def collate(sequences: list[TrainSequence], pad_id: int, device: torch.device) -
 
 
 def response_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
     """log π(token_t | tokens_<t) at every response position (zero elsewhere), shape [B, L].
 
@@ -85,7 +86,7 @@ def response_logprobs(
     return out.index_put((rows, cols), picked)
 
 
-def _can_project_selectively(model: torch.nn.Module) -> bool:
+def _can_project_selectively(model: CausalLM) -> bool:
     config = getattr(model, "config", None)
     if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_POSTPROCESSING):
         return False
@@ -96,13 +97,14 @@ def _can_project_selectively(model: torch.nn.Module) -> bool:
 
 
 def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
-    """LR for global step ``step`` (0-based): linear warm-up, then constant or cosine decay."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+    """LR for global step ``step`` (counted from 1, like every step in Thresher): linear warm-up over
+    the first ``warmup_steps`` steps, then constant or cosine decay."""
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
     if config.schedule == "constant":
         return config.lr
     decay_steps = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    progress = min(1.0, (step - 1 - config.warmup_steps) / decay_steps)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -187,15 +189,19 @@ class Trainer:
             self.master.load(state)
 
     def train_step(self, step: int, sequences: list[TrainSequence], abandonable: bool = True) -> dict[str, float]:
-        """Update the policy on one global step's kept sequences (``step`` counts from 0)."""
-        self.step_number = step + 1
+        """Update the policy on one global step's kept sequences (``step`` counts from 1)."""
+        if step < 1:
+            raise ValueError(f"train_step: global steps count from 1, got {step}")
+        self.step_number = step
         lr = learning_rate(self.config, step, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         start = time.perf_counter()
-        losses, norms, skipped, tokens, all_tokens = [], [], 0, 0, 0
-        self.loss_metrics: dict[str, list[float]] = {}
+        losses: list[float] = []
+        norms: list[float] = []
+        skipped, tokens, all_tokens = 0, 0, 0
+        self.loss_metrics = {}
         for epoch in range(self.config.epochs_per_step):
             for batch in self._optimizer_batches(sequences, step, epoch):
                 # An interrupt abandons the step only while the weights are still those of the last
@@ -255,7 +261,8 @@ class Trainer:
         size = self.config.batch_size
         if size is None or size >= len(sequences):
             return [sequences]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + epoch)
+        # (step - 1): the shuffle of step 1 is the one runs have always had
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (step - 1) * 101 + epoch)
         order = torch.randperm(len(sequences), generator=generator).tolist()
         shuffled = [sequences[i] for i in order]
         return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
