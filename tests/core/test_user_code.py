@@ -92,13 +92,23 @@ def test_a_keyboard_interrupt_raised_on_the_scoring_thread_is_a_scorer_error():
     assert isinstance(caught[0], ScorerError) and "raised KeyboardInterrupt" in str(caught[0])
 
 
-def test_a_real_ctrl_c_during_a_reward_still_interrupts():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, as an interactive ``pytest`` has it. Started as a
+    background job (``pytest &``), a process inherits SIGINT ignored and Python keeps it ignored:
+    these tests then measured how pytest was launched, not the code (both failed that way once)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_real_ctrl_c_during_a_reward_still_interrupts(python_sigint):
     with pytest.raises(KeyboardInterrupt):
         rule("sends_sigint").score(one_rollout())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_real_ctrl_c_during_a_reward_in_a_run_is_the_runs_stop_request():
+def test_a_real_ctrl_c_during_a_reward_in_a_run_is_the_runs_stop_request(python_sigint):
     """In a run, Ctrl-C sets the run's flag (it stops after the phase); the reward finishes."""
     interrupts = Interrupts()
     with interrupts:
