@@ -67,7 +67,7 @@ def test_no_module_level_import_cycle():
             if node.startswith(target + ".") or target.startswith(node + "."):
                 continue
             if state.get(target) == 1:
-                cycles.append(stack[stack.index(target) :] + [target])
+                cycles.append([*stack[stack.index(target) :], target])
             elif target not in state:
                 visit(target, [*stack, target])
         state[node] = 2
