@@ -53,6 +53,37 @@ def test_each_mistake_gives_its_one_line_message(tiny_config, write_config, cli,
     assert errors[0].startswith(expected), errors
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # TRL's names for settings Thresher has under another
+        ("optim.learning_rate=1e-4", "optim.learning_rate: unknown key; did you mean optim.lr?"),
+        ("rs.num_generations=8", "rs.num_generations: unknown key; did you mean rs.num_rollouts_per_prompt?"),
+        (
+            "generator.max_completion_length=32",
+            "generator.max_completion_length: unknown key; did you mean generator.max_new_tokens?",
+        ),
+        ("optim.per_device_train_batch_size=4", "did you mean optim.micro_batch_size?"),
+        ("report_to=wandb", "report_to: unknown key; did you mean loggers (a list, e.g. [{type: tensorboard}])?"),
+        # near spellings, at the top, in a core section and in a plugin's section (its own keys and
+        # the framework's options around it)
+        ("outptu.dir=x", "outptu: unknown key; did you mean output?"),
+        ("generator.tempurature=0.5", "generator.tempurature: unknown key; did you mean generator.temperature?"),
+        ("selector.top_n_rollout=2", "selector.top_n_rollout: unknown key; did you mean selector.top_n_rollouts?"),
+        ("selector.normalise=rank", "selector.normalise: unknown key; did you mean selector.normalize?"),
+        # nothing close: no guess
+        ("optim.zzz=1", "optim.zzz: unknown key"),
+    ],
+)
+def test_an_unknown_key_suggests_the_key_meant(cli, override, expected):
+    result = cli("config", "validate", "tiny", "--set", override)
+    assert result.exit_code == 2
+    (error,) = errors_of(result)
+    assert error.endswith(expected), error
+    if "did you mean" not in expected:
+        assert "did you mean" not in error
+
+
 def test_all_problems_are_reported_at_once(tiny_config, write_config, cli):
     tiny_config["generator"]["type"] = "nope"
     tiny_config["rs"]["num_rollouts_per_prompt"] = 0

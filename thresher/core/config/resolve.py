@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from thresher.core.config.sampling import SamplingConfig, sampling_contract_problem
 from thresher.core.config.schema import FRAMEWORK_OPTIONS, PluginSpec, RunConfig
+from thresher.core.config.suggest import keys_at, suggestion
 from thresher.core.errors import ConfigError
 from thresher.core.registry import PIPELINE_KINDS, Registry
 
@@ -54,7 +55,7 @@ def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems.extend(_format_errors(err, skip_missing={*PIPELINE_KINDS, "validation_scorer"}))
+        problems.extend(_format_errors(err, skip_missing={*PIPELINE_KINDS, "validation_scorer"}, model=RunConfig))
         raise ConfigError(problems) from None
     if not isinstance(config.generator.config, SamplingConfig):
         problems.append(sampling_contract_problem(config.generator.type, type(config.generator.config).__name__))
@@ -164,7 +165,8 @@ def _resolve_plugin_section(
         context = {"registry": registry, "where": where}
         plugin_config = registry.get(kind, name).Config.model_validate(params, context=context)
     except ValidationError as err:
-        problems.extend(f"{where}.{line}" for line in _format_errors(err))
+        valid = [*registry.get(kind, name).Config.model_fields, *_framework_keys(kind), "type"]
+        problems.extend(f"{where}.{line}" for line in _format_errors(err, where=where, keys=valid))
         return None
     except ConfigError as err:  # raised by a nested section's own resolution
         problems.extend(err.problems)
@@ -194,7 +196,21 @@ def _framework_options(kind: str, params: dict[str, Any], where: str, problems: 
     }
 
 
-def _format_errors(err: ValidationError, skip_missing: AbstractSet[str] = frozenset()) -> list[str]:
+def _framework_keys(kind: str) -> list[str]:
+    options = FRAMEWORK_OPTIONS.get(kind)
+    return list(options.model_fields) if options is not None else []
+
+
+def _format_errors(
+    err: ValidationError,
+    skip_missing: AbstractSet[str] = frozenset(),
+    *,
+    model: type[BaseModel] | None = None,
+    where: str = "",
+    keys: list[str] | None = None,
+) -> list[str]:
+    """One line per problem. An unknown key gets a did-you-mean: the valid keys at its place come from
+    ``model`` (followed along the key's path) or, for a plugin section at ``where``, from ``keys``."""
     lines = []
     for e in err.errors():
         loc = e["loc"]
@@ -204,6 +220,11 @@ def _format_errors(err: ValidationError, skip_missing: AbstractSet[str] = frozen
         message = e["msg"]
         if e["type"] == "extra_forbidden":
             message = "unknown key"
+            parent = ".".join(str(p) for p in (where, *loc[:-1]) if p != "")
+            valid = keys if keys is not None and len(loc) == 1 else keys_at(model, tuple(loc[:-1]))
+            better = suggestion(str(loc[-1]), parent, valid)
+            if better:
+                message += f"; did you mean {better}?"
         elif e["type"].startswith("value_error"):
             message = message.removeprefix("Value error, ")
         lines.append(f"{path}: {message}" + (f" (got {e['input']!r})" if _show_input(e) else ""))
