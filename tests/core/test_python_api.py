@@ -109,6 +109,12 @@ def test_register_infers_the_kind_and_replaces_a_rerun_definition(registered_sco
         thresher.register(type("Nothing", (), {"name": "nothing", "Config": Section}))
 
 
+def print_plan_like_dry_run(run: thresher.Run) -> bool:
+    """``str(run.plan())`` is the table ``--dry-run`` prints."""
+    plan = run.plan()
+    return str(plan) == plan.render() and "peak" in str(plan)
+
+
 def test_a_run_steps_one_at_a_time(tmp_path):
     overrides = {"rs.prompts_per_step": 4, "data.validation": None, "output.dir": str(tmp_path / "run")}
     run = thresher.Run.from_config("tiny", overrides=overrides, quiet=True)
@@ -118,3 +124,7 @@ def test_a_run_steps_one_at_a_time(tmp_path):
         run.close()
     assert (first["step"], second["step"]) == (1, 2) and run.history == [first, second]
     assert not Path(tmp_path / "run" / "checkpoints").exists()  # steps alone write no checkpoint
+    # ... but their metrics, as train() does: `thresher report` reads a run made step by step
+    written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in written] == [first, second]
+    assert print_plan_like_dry_run(run)

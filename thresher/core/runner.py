@@ -32,7 +32,7 @@ from thresher.core.interrupt import Interrupts
 from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
 from thresher.core.registry import Registry, build_registry
 from thresher.core.run.directory import RunDir
-from thresher.core.run.loggers import NoLoggers
+from thresher.core.run.loggers import NoLoggers, RunLoggers, open_loggers
 from thresher.core.run.saving import Saver, resume_point
 from thresher.core.scoring import wrap_scorer
 from thresher.core.selection import Guardrails
@@ -70,6 +70,7 @@ class Run:
         self.inputs: Inputs | None = None  # set by plan()
         self._session: Session | None = None  # set by setup()
         self._built: str | None = None  # "training" or "producing" once set up
+        self._step_loggers: RunLoggers | NoLoggers | None = None  # step()'s, open until close()
 
     @classmethod
     def from_config(
@@ -95,10 +96,13 @@ class Run:
         return loop.train(self.session)
 
     def step(self) -> dict[str, Any]:
-        """One more global step, on its own: no checkpoint, no validation, no metrics file (benchmarks,
-        notebooks); its rollouts are written as in training."""
+        """One more global step, on its own: no checkpoint, no validation (benchmarks, notebooks). Its
+        metrics record and rollouts are written as in ``train()`` (``metrics.jsonl``, the loggers,
+        ``rollouts/``), so ``thresher report`` reads a run made step by step."""
         self.setup(training=True)
-        return loop.global_step(self.session, self.progress.next_step, NoLoggers())
+        if self._step_loggers is None:
+            self._step_loggers = open_loggers(self.session)
+        return loop.global_step(self.session, self.progress.next_step, self._step_loggers)
 
     def produce(self, out: str | Path, *, limit: int | None = None, write_all: bool = False) -> dict[str, int]:
         """Best-of-N data production, no training: the kept (prompt, response) pairs as JSONL."""
@@ -152,6 +156,9 @@ class Run:
 
     def close(self) -> None:
         """Release the plugins (servers, engines), the run directory's lock and the process group."""
+        if self._step_loggers is not None:
+            self._step_loggers.close()
+            self._step_loggers = None
         if self._plugins is not None:
             self._plugins.close()
         self.run_dir.release()

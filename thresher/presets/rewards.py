@@ -3,8 +3,9 @@
 Why addition for the demo: SmolLM2-135M-Instruct answers "What is 7 + 5? Answer with just the
 number." correctly about half the time greedily and far less often when sampling, and it tends to
 ramble past the answer. That leaves room to improve, a verifiable reward (no reward model to trust),
-and enough correct samples among N = 8 for rejection sampling to have something to select: on this
-machine the held-out greedy reward went from 0.53 to 0.94 in 15 steps.
+and enough correct samples among N = 8 for rejection sampling to have something to select. What the
+demo measured (before and after its 15 steps, and how long it takes) is in the README, the one
+place those figures are kept.
 """
 
 from __future__ import annotations

@@ -177,6 +177,10 @@ class MemoryPlan:
     def biggest(self) -> PlanItem:
         return max((i for i in self.items if i.shrink), key=lambda i: i.bytes)
 
+    def __str__(self) -> str:
+        """The table ``thresher train --dry-run`` prints: ``print(run.plan())`` shows the same."""
+        return self.render()
+
     def render(self) -> str:
         width = max(len("peak while generating"), *(len(i.name) for i in self.items))
         lines = [f"memory plan on {self.device}:"]
