@@ -7,6 +7,8 @@ import io
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -100,3 +102,33 @@ def test_a_run_in_a_log_file_shows_every_phase_and_its_duration(tmp_path):
         assert re.search(rf"^{phase}: \d+\.\d s$", log, re.MULTILINE), (phase, log)
     assert re.search(r"^step 1/2 .* ETA \d+s$", log, re.MULTILINE), log
     assert re.search(r"^step 2/2 .*train [\d.]+s$", log, re.MULTILINE), log  # the last step: no ETA
+
+
+def test_off_a_terminal_a_long_phase_says_it_is_still_running():
+    """A log never goes quiet for long (once, the demo printed nothing for 20 minutes on a busy
+    machine): a phase prints a line every heartbeat_s seconds, with its count so far, until it ends."""
+    out = io.StringIO()
+    console = ConsoleReporter(Console(file=out, force_terminal=False, width=160), heartbeat_s=0.05)
+    console.phase("step 1/3: generating 4×4 responses", total=16)
+    console.advance(5)
+    deadline = time.monotonic() + 30  # generous: a loaded machine may run the heartbeat thread late
+    while "still running" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    console.done()
+    lines = out.getvalue().splitlines()
+    beats = [line for line in lines if "still running" in line]
+    assert beats, lines
+    assert re.fullmatch(r"step 1/3: generating 4×4 responses: still running \(\d+s, 5/16\)", beats[0])
+    assert re.fullmatch(r"step 1/3: generating 4×4 responses: \d+\.\d s", lines[-1])  # the phase's end
+    time.sleep(0.3)
+    assert out.getvalue().splitlines() == lines  # nothing after the phase ended
+    assert not any(t.name == "thresher-heartbeat" for t in threading.enumerate())
+
+
+def test_a_terminal_gets_no_heartbeat_lines():
+    out = io.StringIO()
+    console = ConsoleReporter(Console(file=out, force_terminal=True, width=160), heartbeat_s=0.05)
+    console.phase("loading the model")
+    time.sleep(0.3)
+    console.done()
+    assert "still running" not in out.getvalue()

@@ -4,6 +4,7 @@ and per validation, and the reward curve at the end."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any
 
@@ -48,16 +49,23 @@ class ConsoleReporter:
     On a terminal a phase is a live line: a bar with done/total where the phase knows its size
     (responses generated, scored; micro-batches trained), its elapsed time and the run's ETA. Off a
     terminal (a log file, CI) each phase ends with one line saying how long it took, so a log shows
-    where a run is and where its time goes.
+    where a run is and where its time goes; a phase still running prints a line every
+    ``heartbeat_s`` seconds (with its count so far), so a log of a slow run — a busy machine, a big
+    model — never goes quiet for long.
     """
 
-    def __init__(self, console: Console | None = None, quiet: bool = False):
+    def __init__(self, console: Console | None = None, quiet: bool = False, heartbeat_s: float = 30.0):
         self.console = console or Console(stderr=True)
         self.quiet = quiet
+        self.heartbeat_s = heartbeat_s
         self._progress: Progress | None = None
         self._task: Any = None
         self._phase: str | None = None
         self._started = 0.0
+        self._count: int = 0  # off a terminal: the phase's progress so far, for its heartbeat
+        self._total: int | None = None
+        self._heartbeat: threading.Thread | None = None
+        self._phase_over = threading.Event()
         self.eta: str = ""  # the run's remaining time, from the steps so far
 
     def phase(self, text: str, total: int | None = None) -> None:
@@ -66,7 +74,9 @@ class ConsoleReporter:
             return
         self.done()
         self._phase, self._started = text, time.perf_counter()
+        self._count, self._total = 0, total
         if not self.console.is_terminal:
+            self._start_heartbeat(text)
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}")]
         if total:
@@ -78,17 +88,38 @@ class ConsoleReporter:
 
     def advance(self, amount: int = 1) -> None:
         """``amount`` more of the current phase's total is done."""
+        self._count += amount
         if self._progress is not None:
             self._progress.advance(self._task, amount)
 
     def done(self) -> None:
         """End the current phase: off a terminal, one line with its duration."""
+        self._stop_heartbeat()
         if self._progress is not None:
             self._progress.stop()
             self._progress = self._task = None
         if self._phase is not None and not self.console.is_terminal and not self.quiet:
             self.console.print(f"{escape(self._phase)}: {time.perf_counter() - self._started:.1f} s", soft_wrap=True)
         self._phase = None
+
+    def _start_heartbeat(self, text: str) -> None:
+        self._phase_over = threading.Event()
+        over, started = self._phase_over, self._started
+
+        def beat() -> None:
+            while not over.wait(self.heartbeat_s):
+                done = f", {self._count}/{self._total}" if self._total else ""
+                elapsed = _duration(time.perf_counter() - started)
+                self.console.print(f"{escape(text)}: still running ({elapsed}{done})", soft_wrap=True)
+
+        self._heartbeat = threading.Thread(target=beat, name="thresher-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._phase_over.set()
+            self._heartbeat.join()
+            self._heartbeat = None
 
     def _eta_text(self) -> str:
         return f"run ETA {self.eta}" if self.eta else ""
