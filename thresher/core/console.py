@@ -110,7 +110,10 @@ class ConsoleReporter:
             while not over.wait(self.heartbeat_s):
                 done = f", {self._count}/{self._total}" if self._total else ""
                 elapsed = _duration(time.perf_counter() - started)
-                self.console.print(f"{escape(text)}: still running ({elapsed}{done})", soft_wrap=True)
+                try:
+                    self.console.print(f"{escape(text)}: still running ({elapsed}{done})", soft_wrap=True)
+                except (OSError, ValueError):  # the stream is gone (a closed log): nothing to tell
+                    return
 
         self._heartbeat = threading.Thread(target=beat, name="thresher-heartbeat", daemon=True)
         self._heartbeat.start()

@@ -156,6 +156,7 @@ class Run:
 
     def close(self) -> None:
         """Release the plugins (servers, engines), the run directory's lock and the process group."""
+        self.reporter.done()  # a phase an error left open: its progress line (or heartbeat) ends here
         if self._step_loggers is not None:
             self._step_loggers.close()
             self._step_loggers = None
