@@ -200,7 +200,20 @@ def test_band_hands_its_inner_selector_the_rollouts_and_checks_its_mask(tmp_path
         run.train()
 
 
-class SamplingWatcher:
+class IdleGenerator:
+    """A generator's methods, doing nothing: the tests below only look at how it is built."""
+
+    def generate(self, prompts, n, *, seed, greedy=False):
+        return []
+
+    def load_weights(self, policy):
+        pass
+
+    def close(self):
+        pass
+
+
+class SamplingWatcher(IdleGenerator):
     """A generator that only records the sampling parameters the core hands it."""
 
     name = "sampling_watcher"
@@ -212,17 +225,8 @@ class SamplingWatcher:
     def __init__(self, config, context):
         type(self).seen.append(context.sampling)
 
-    def generate(self, prompts, n, *, seed, greedy=False):
-        return []
 
-    def load_weights(self, policy):
-        pass
-
-    def close(self):
-        pass
-
-
-class NamesItsOwnLength:
+class NamesItsOwnLength(IdleGenerator):
     """A generator whose Config names the response length its own way: the core cannot plan with it."""
 
     name = "own_names"
@@ -231,15 +235,6 @@ class NamesItsOwnLength:
         response_tokens: int = 64
 
     def __init__(self, config, context):
-        pass
-
-    def generate(self, prompts, n, *, seed, greedy=False):
-        return []
-
-    def load_weights(self, policy):
-        pass
-
-    def close(self):
         pass
 
 
