@@ -42,6 +42,10 @@ def test_valid_config_resolves_plugin_sections(tiny_config, write_config, cli):
         (lambda c: c["scorer"].update(function="no_colon"), "scorer.function: expected module:function"),
         (lambda c: c.update(extra_section={}), "extra_section: unknown key"),
         (lambda c: c["data"].pop("train"), "data.train: Field required"),
+        (
+            lambda c: c["optim"].update(warmup_steps=2, warmup_ratio=0.1),
+            "optim: set optim.warmup_steps or optim.warmup_ratio, not both",
+        ),
     ],
 )
 def test_each_mistake_gives_its_one_line_message(tiny_config, write_config, cli, edit, expected):

@@ -161,11 +161,28 @@ def test_steps_count_from_one_in_the_learning_rate_schedule_and_the_trainer(tiny
 
     config = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.0)
     rates = [learning_rate(config, step, max_steps=6) for step in range(1, 7)]
-    # warm-up over steps 1-2 (1/2, 2/2), then a cosine from the full rate over the 4 steps left
-    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    # transformers' Trainer: step k takes the schedule at k-1: warm-up 0/2, 1/2, then a cosine over 4
+    expected = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
     assert rates == pytest.approx(expected)
     model = build_tiny_model(tiny_tokenizer, seed=0)
     loss = MaskedMeanLogprobLoss(MaskedMeanLogprobLoss.Config())
     trainer = Trainer(model, loss, config, max_steps=6, pad_id=tiny_tokenizer.pad_token_id, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="global steps count from 1, got 0"):
         trainer.train_step(0, [])
+
+
+def test_linear_schedule_warmup_ratio_and_the_trl_spelling_of_the_scheduler():
+    import math
+
+    from thresher.core.config import OptimConfig
+    from thresher.core.training.trainer import learning_rate
+
+    config = OptimConfig.model_validate({"lr": 2.0, "scheduler": "linear", "warmup_ratio": 0.25})
+    assert config.schedule == "linear"
+    warmup = math.ceil(0.25 * 10)  # 3 steps
+    expected = [2.0 * k / warmup if k < warmup else 2.0 * (10 - k) / (10 - warmup) for k in range(10)]
+    assert [learning_rate(config, step, max_steps=10) for step in range(1, 11)] == pytest.approx(expected)
+    floor = OptimConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate(floor, 5, max_steps=5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    with pytest.raises(ValueError, match=r"set optim\.warmup_steps or optim\.warmup_ratio, not both"):
+        OptimConfig(warmup_steps=2, warmup_ratio=0.1)

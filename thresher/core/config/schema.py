@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -123,8 +124,16 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decay rates, each in [0, 1).")
     eps: float = Field(1e-8, gt=0)
-    schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        validation_alias=AliasChoices("schedule", "scheduler"),
+        description="LR after warm-up (transformers.get_scheduler's constant_with_warmup, linear, "
+        "cosine_with_min_lr); also accepted as optim.scheduler.",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in global steps.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warm-up as a fraction of rs.max_steps (rounded up); instead of warmup_steps."
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
     batch_size: int | None = Field(
@@ -155,6 +164,12 @@ class OptimConfig(Section):
         description="Recompute each decoder layer's activations in the backward instead of keeping them "
         "(transformers' gradient checkpointing, non-reentrant): less memory per micro-batch, ~30% more compute.",
     )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimConfig:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        return self
 
     @field_validator("betas")
     @classmethod

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import get_scheduler
 
 from thresher.core.checks import check_loss_result
 from thresher.core.config import OptimConfig
@@ -96,17 +97,37 @@ def _can_project_selectively(model: CausalLM) -> bool:
     return base is not None and base is not model and model.get_output_embeddings() is not None
 
 
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine_with_min_lr"}
+
+
+def warmup_steps(config: OptimConfig, max_steps: int) -> int:
+    """``warmup_steps``, or ``warmup_ratio`` of the run's steps rounded up (as transformers' Trainer)."""
+    if config.warmup_ratio is not None:
+        return math.ceil(config.warmup_ratio * max_steps)
+    return config.warmup_steps
+
+
+def lr_multiplier(config: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """The schedule as a pure function of the 0-based update index, taken from
+    ``transformers.get_scheduler`` (built once on a probe optimizer). Pure, so a resumed run needs no
+    scheduler state: the step is the state."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    options = {"min_lr_rate": config.min_lr_ratio} if config.schedule == "cosine" else None
+    scheduler = get_scheduler(
+        SCHEDULERS[config.schedule],
+        probe,
+        num_warmup_steps=warmup_steps(config, max_steps),
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=options,
+    )
+    return scheduler.lr_lambdas[0]
+
+
 def learning_rate(config: OptimConfig, step: int, max_steps: int) -> float:
-    """LR for global step ``step`` (counted from 1, like every step in Thresher): linear warm-up over
-    the first ``warmup_steps`` steps, then constant or cosine decay."""
-    if step <= config.warmup_steps:
-        return config.lr * step / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    decay_steps = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - 1 - config.warmup_steps) / decay_steps)
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+    """LR for global step ``step`` (counted from 1, like every step in Thresher). As in transformers'
+    Trainer, step ``k`` takes the schedule's value at ``k - 1``: with a warm-up the first step's LR
+    is 0, and the last warm-up step's is ``lr · (W-1)/W``."""
+    return config.lr * lr_multiplier(config, max_steps)(step - 1)
 
 
 def build_adamw(parameters: list[torch.nn.Parameter], config: OptimConfig) -> torch.optim.AdamW:
@@ -165,6 +186,7 @@ class Trainer:
         )
         self.params = self.master.params if self.master else [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_adamw(self.params, config)
+        self.lr_multiplier = lr_multiplier(config, max_steps)  # see learning_rate
         self.interrupt_check = interrupt_check
         self.on_micro_batch = on_micro_batch  # progress: called after each of this rank's micro-batches
         self.dist = dist or Distributed()
@@ -193,7 +215,7 @@ class Trainer:
         if step < 1:
             raise ValueError(f"train_step: global steps count from 1, got {step}")
         self.step_number = step
-        lr = learning_rate(self.config, step, self.max_steps)
+        lr = self.config.lr * self.lr_multiplier(step - 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
