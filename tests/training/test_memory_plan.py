@@ -195,3 +195,14 @@ def test_plan_is_within_25_percent_of_measured_peak_rss_on_smollm2(tmp_path, lon
         assert 0.75 < ratio < 1.25, record
     # checkpointing lowers the measured peak by far more than noise (about 7 GB → 3 GB here)
     assert checkpointed["memory_peak_mb"] < 0.7 * plain["memory_peak_mb"]
+
+
+def test_the_host_mmap_threshold_is_set_on_glibc_unless_the_user_set_one():
+    code = "from thresher.core.training.memory import return_large_frees_to_the_os as f; print(f())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    users = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+        env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )  # fmt: skip
+    assert (mine.stdout.strip(), users.stdout.strip()) == ("True", "False")

@@ -45,6 +45,7 @@ from thresher.core.training.memory import (
     enable_activation_checkpointing,
     format_bytes,
     plan_run_memory,
+    return_large_frees_to_the_os,
 )
 from thresher.core.training.precision import check_trainable_precision, wants_master_weights
 from thresher.core.training.sharding import PolicyHolder
@@ -195,6 +196,8 @@ class Run:
         self.device = resolve_device(cfg.model.device)
         if self.dist.backend == "nccl":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cpu":
+            return_large_frees_to_the_os()  # before anything large is allocated: see its docstring
         memory_plan = self.plan(training)  # light inputs and the memory plan first: stop before anything heavy
         inputs = self.inputs
         assert inputs is not None  # plan() set it

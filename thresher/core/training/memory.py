@@ -23,8 +23,10 @@ tokens of the micro-batch.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -390,6 +392,31 @@ def layer_activation_bytes(shape: ModelShape, s: int, lora: Any) -> int:
     if s == 4:
         return 16 * h + 8 * q + 8 * kv + 16 * inter + common + adapters
     return 28 * h + 8 * q + 4 * kv + 10 * inter + common + adapters
+
+
+HOST_MMAP_THRESHOLD = 16 * 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_frees_to_the_os() -> bool:
+    """Serve host allocations of 16 MiB and more (activations, logits, attention scores) from
+    their own mappings, so freeing one returns it to the OS at once (glibc ``mallopt``).
+
+    Why: glibc raises its mmap threshold to the size of the last large block freed (up to 32 MiB),
+    after which a step's activations live in the heap, and a backward's frees and re-allocations of
+    slightly different sizes fragment it. Measured on SmolLM2-135M with activation checkpointing
+    (8 sequences of 518 tokens): peak RSS 3.6–4.2 GB (varying with the machine's load) against 2.7 GB
+    with a fixed 16 MiB threshold, at the same speed; the memory plan counts live bytes, which is
+    what the peak then is. A ``MALLOC_MMAP_THRESHOLD_`` the user set is left alone; on a C library
+    other than glibc this does nothing. Returns whether the threshold was set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(HOST_MMAP_THRESHOLD)))
 
 
 def available_memory(device: torch.device) -> int | None:
