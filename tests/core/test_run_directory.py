@@ -350,9 +350,7 @@ def test_resume_from_another_runs_checkpoint_is_refused(tmp_path):
     assert thresher("train", user_config(tmp_path, mine, "a.yaml", max_steps=3), "-q").returncode == 0
     assert thresher("train", user_config(tmp_path, other, "b.yaml", max_steps=4), "-q").returncode == 0
     metrics = (mine / "metrics.jsonl").read_text()
-    refused = thresher(
-        "train", mine, "--resume-from", other / "checkpoints" / "step_4", "--set", "rs.max_steps=5"
-    )
+    refused = thresher("train", mine, "--resume-from", other / "checkpoints" / "step_4", "--set", "rs.max_steps=5")
     assert refused.returncode == 2
     (line,) = errors(refused)
     assert f"--resume-from: {other / 'checkpoints' / 'step_4'} is not a checkpoint of {mine} (which has steps 1–3)" in (

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from thresher.core import in_memory
 from thresher.core.errors import DataError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -42,6 +43,9 @@ def read_rows(source: str, *, field: str = "prompt", messages_field: str = "mess
     it has), an empty or null prompt cell beside a filled messages cell means "this row is a chat",
     and a messages cell holding a string is parsed as JSON (CSV has no other way to hold a list).
     """
+    if source.startswith(in_memory.PREFIX):
+        columns, records = in_memory.held_rows(source)
+        return _columnar(source, "data", columns, records, field, messages_field)
     path, split = _split_suffix(source)
     if path.is_dir():
         columns, records = _read_saved_dataset(path, split, source)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from thresher.core import loop
+from thresher.core import in_memory, loop
 from thresher.core.build import instantiate
 from thresher.core.config import RunConfig, dump_config, load_config, resolve_config
 from thresher.core.config.sampling import sampling_params
@@ -365,7 +365,10 @@ def resolve_source(source: ConfigSource, overrides: dict[str, Any] | list[str] |
     """Any config source plus overrides → a validated :class:`RunConfig` (one line per problem)."""
     from thresher.core.config import apply_overrides
 
+    if isinstance(source, dict):
+        source = _hold_data(source)
     if isinstance(overrides, dict):
+        overrides = {key: _held(key, value) for key, value in overrides.items()}
         items = [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]
     else:
         items = list(overrides or [])
@@ -378,6 +381,23 @@ def resolve_source(source: ConfigSource, overrides: dict[str, Any] | list[str] |
     if isinstance(source, dict):
         return resolve_config(apply_overrides(source, items), registry)
     return load_config(source, items, registry)
+
+
+DATA_KEYS = ("data.train", "data.validation")
+
+
+def _held(key: str, value: Any) -> Any:
+    """A Dataset, DataFrame or list of rows given for a data key, as the name it is held under."""
+    return in_memory.hold(value, key) if key in DATA_KEYS and in_memory.is_in_memory(value) else value
+
+
+def _hold_data(source: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose ``data`` section holds in-memory data, with names in its place."""
+    data = source.get("data")
+    if not isinstance(data, dict):
+        return source
+    held = {name: _held(f"data.{name}", value) for name, value in data.items()}
+    return {**source, "data": held}
 
 
 def _yaml_scalar(value: Any) -> str:
