@@ -49,6 +49,7 @@ def load_prompts(
     for where, row in rows:
         _check_unicode(row, where)
         text, from_messages = _prompt_text(row, field, messages_field, where)
+        given = [dict(m) for m in row[messages_field]] if from_messages else text
         if from_messages or templated:
             messages = row[messages_field] if from_messages else [{"role": "user", "content": text}]
             text = _render_chat(tokenizer, messages, where)
@@ -65,7 +66,7 @@ def load_prompts(
                 "set data.on_long_prompt: skip to drop such prompts"
             )
         extra = {k: v for k, v in row.items() if k not in (field, messages_field)}
-        prompts.append(Prompt(index=len(prompts), text=text, token_ids=tuple(token_ids), extra=extra))
+        prompts.append(Prompt(index=len(prompts), text=text, token_ids=tuple(token_ids), extra=extra, given=given))
     if not prompts:
         raise DataError(f"{resolve_data_path(source)}: every prompt was skipped as too long")
     return prompts, skipped

@@ -125,6 +125,7 @@ class Run:
             val_prompts = self._prompts(self.config.data.validation, tokenizer, model_config)[0]
         if self.config.rs.val_max_prompts is not None:
             val_prompts = val_prompts[: self.config.rs.val_max_prompts]
+        self._check_data_columns(train_prompts + val_prompts)
         if skipped:
             self.reporter.info(f"skipped {skipped} training prompts longer than the limit")
         generator_cls = self.registry.get("generator", self.config.generator.type)
@@ -133,6 +134,19 @@ class Run:
         )
         self.inputs = Inputs(tokenizer, train_prompts, val_prompts, skipped, memory_plan)
         return memory_plan
+
+    def _check_data_columns(self, prompts: list[Prompt]) -> None:
+        """A scorer section's ``Config`` may check itself against the data's columns (optional
+        ``check_columns(columns, where)`` returning problems; the rule scorer checks its function's
+        arguments): a reward that cannot be called fails here, before the model loads."""
+        columns = {key for prompt in prompts for key in prompt.extra}
+        problems: list[str] = []
+        for where, spec in (("scorer", self.config.scorer), ("validation_scorer", self.config.validation_scorer)):
+            check = getattr(spec.config, "check_columns", None) if spec is not None else None
+            if check is not None:
+                problems.extend(check(columns, where))
+        if problems:
+            raise ConfigError(problems)
 
     @property
     def session(self) -> Session:

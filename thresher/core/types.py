@@ -29,13 +29,15 @@ class Prompt:
 
     ``index`` is the row in the dataset, ``text`` what the model sees (after any chat template),
     ``token_ids`` its tokens, and ``extra`` every other field of the row (a reference answer, say),
-    which scorers receive.
+    which scorers receive. ``given`` is the prompt as the row gave it, before any template: its text,
+    or its list of chat messages (reward functions written for TRL receive this as ``prompts``).
     """
 
     index: int
     text: str
     token_ids: tuple[int, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    given: str | list[dict[str, Any]] | None = None
 
 
 @dataclass

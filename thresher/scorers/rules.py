@@ -14,6 +14,15 @@ It returns one number per response. Example::
         return [float(r.strip() == str(a)) for r, a in zip(responses, answer)]
 
     scorer: {type: rule, function: my_rewards:exact_answer}
+
+A function written for TRL's ``GRPOTrainer`` (``reward_funcs``) works as it is; it is recognised by
+its ``completions`` parameter and then called as TRL calls it: ``prompts`` are the prompts as the
+rows gave them (a text, or a list of chat messages), ``completions`` the responses (a text, or
+``[{"role": "assistant", "content": ...}]`` after a chat prompt), ``completion_ids`` their token ids,
+the dataset's other columns as keyword arguments, and a ``None`` reward means NaN
+(``rs.on_nonfinite_reward`` decides what happens to it). A module named without a path is looked for
+among installed modules, then beside the config file, then in the working directory. Arguments the
+function requires are checked against these names and the data's columns before the model loads.
 """
 
 from __future__ import annotations
@@ -24,14 +33,14 @@ import inspect
 import math
 import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_validator
 
-from thresher.core.config import Section
+from thresher.core.config import Section, config_directory
 from thresher.core.errors import ConfigError, ScorerError, guard_user_code
 from thresher.core.types import PluginContext, Rollout
 
@@ -49,16 +58,31 @@ class RuleScorer:
             module, _, attr = value.rpartition(":")
             if not module or not attr:
                 raise ValueError("expected module:function, e.g. my_rewards:exact_answer")
+            value = locate_module(value, config_directory())
             try:  # an import that fails is a config error, found when the config is checked
                 load_callable(value, "")
             except ConfigError as err:
                 raise ValueError(err.problems[0].removeprefix(": ")) from None
             return value
 
+        def check_columns(self, columns: Collection[str], where: str) -> list[str]:
+            """Problems with the data: arguments the function requires that no call would pass."""
+            function = load_callable(self.function, f"{where}.function")
+            available = [*THRESHER_ARGUMENTS, *sorted(columns)]
+            missing = [name for name in required_parameters(function) if name not in available]
+            if not missing:
+                return []
+            listed = ", ".join(repr(name) for name in missing)
+            return [
+                f"{where}.function: {self.function} requires {listed}, which no call passes; it may take "
+                f"{', '.join(THRESHER_ARGUMENTS)} and the data's columns ({', '.join(sorted(columns)) or 'none'})"
+            ]
+
     def __init__(self, config: Config, context: PluginContext | None = None):
         self.config = config
         self.function = load_callable(config.function, "scorer.function")
         self.label = f"reward function {config.function!r}"
+        self.trl = written_for_trl(self.function)
 
     def score(self, rollouts: list[Rollout]) -> torch.Tensor:
         # Field names come from all rollouts, so every batch gets the same arguments.
@@ -70,7 +94,7 @@ class RuleScorer:
         return torch.tensor(rewards, dtype=torch.float32)
 
     def _score_batch(self, batch: list[Rollout], fields: list[str]) -> list[float]:
-        kwargs = select_kwargs(self.function, rule_arguments(batch, fields))
+        kwargs = select_kwargs(self.function, rule_arguments(batch, fields, trl=self.trl))
         # sys.exit() or a KeyboardInterrupt of its own in a reward is a failing reward, not the end of
         # the run: a ScorerError, after which the step's rollouts are still written.
         with guard_user_code(lambda what: ScorerError(f"{self.label} {what}")):
@@ -78,19 +102,52 @@ class RuleScorer:
                 result = self.function(**kwargs)
             except Exception as err:  # the user's code: report it as theirs, in one line
                 raise ScorerError(f"{self.label} raised {type(err).__name__}: {err}") from err
+        if self.trl and isinstance(result, (list, tuple)):  # TRL's convention: None is "no reward" (NaN)
+            result = [math.nan if value is None else value for value in result]
         return check_rewards(result, len(batch), self.label)
 
     def close(self) -> None:
         """Nothing to release."""
 
 
-def rule_arguments(batch: list[Rollout], fields: list[str]) -> dict[str, list[Any]]:
+THRESHER_ARGUMENTS = ("prompts", "responses", "finish_reasons", "completions", "completion_ids")
+
+
+def written_for_trl(function: Callable[..., Any]) -> bool:
+    """TRL's reward functions take ``completions``; Thresher's own take ``responses``."""
+    return "completions" in _parameters(function)
+
+
+def _completion(rollout: Rollout) -> Any:
+    """A response as TRL passes it: after a chat prompt, the assistant's message in a list."""
+    chat = isinstance(rollout.prompt.given, list)
+    return [{"role": "assistant", "content": rollout.text}] if chat else rollout.text
+
+
+def required_parameters(function: Callable[..., Any]) -> list[str]:
+    """The keyword-passable parameters ``function`` cannot be called without."""
+    return [name for name, p in _parameters(function).items() if p.default is inspect.Parameter.empty]
+
+
+def _parameters(function: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return {}
+    return {name: p for name, p in parameters.items() if p.kind in kinds}
+
+
+def rule_arguments(batch: list[Rollout], fields: list[str], trl: bool = False) -> dict[str, list[Any]]:
     """Everything a reward function may ask for, one list entry per rollout (``None`` where a row
-    lacks one of the dataset ``fields``)."""
+    lacks one of the dataset ``fields``). ``trl``: ``prompts`` as TRL passes them (as the rows gave
+    them, chats as message lists) rather than the text the model saw."""
     arguments: dict[str, list[Any]] = {
-        "prompts": [r.prompt.text for r in batch],
+        "prompts": [r.prompt.given if trl and r.prompt.given is not None else r.prompt.text for r in batch],
         "responses": [r.text for r in batch],
         "finish_reasons": [r.finish_reason for r in batch],
+        "completions": [_completion(r) for r in batch],
+        "completion_ids": [list(r.response_ids) for r in batch],
     }
     for key in fields:
         arguments.setdefault(key, [r.prompt.extra.get(key) for r in batch])
@@ -125,6 +182,20 @@ def check_rewards(result: Any, expected: int, label: str) -> list[float]:
         except OverflowError:  # an int beyond float's range: infinite, handled like any non-finite reward
             rewards.append(math.inf if value > 0 else -math.inf)  # type: ignore[operator]  # an int here
     return rewards
+
+
+def locate_module(spec: str, config_dir: Path | None) -> str:
+    """``module:fn`` as given when the module imports; else, when ``module.py`` (dots as folders)
+    is beside the config file or in the working directory, that file's absolute ``path.py:fn`` (so
+    the run finds it again, from any directory). Anything else is left for the import to report."""
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or importlib.util.find_spec(target.split(".")[0]) is not None:
+        return spec
+    relative = Path(*target.split(".")).with_suffix(".py")
+    for folder in (config_dir, Path.cwd()):
+        if folder is not None and (folder / relative).is_file():
+            return f"{(folder / relative).resolve()}:{attr}"
+    return spec
 
 
 def load_callable(spec: str, field: str) -> Callable[..., Any]:

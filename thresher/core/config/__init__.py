@@ -10,7 +10,7 @@ from thresher.core.config.files import (
     preset_names,
     read_config_file,
 )
-from thresher.core.config.resolve import resolve_config, resolve_plugin_section
+from thresher.core.config.resolve import config_directory, resolve_config, resolve_plugin_section
 from thresher.core.config.schema import (
     PRESETS_DIR,
     DataConfig,
@@ -40,6 +40,7 @@ __all__ = [
     "RunConfig",
     "Section",
     "apply_overrides",
+    "config_directory",
     "config_origin",
     "dump_config",
     "load_config",

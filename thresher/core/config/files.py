@@ -147,7 +147,9 @@ def load_config(source: str | Path, overrides: list[str], registry: Registry) ->
     if run_dir is not None:
         output: dict[str, Any] = raw["output"] if isinstance(raw.get("output"), dict) else {}
         raw["output"] = {**output, "dir": str(source)}
-    config = resolve_config(apply_overrides(raw, overrides), registry)
+    origin = config_origin(source)
+    base_dir = Path(origin.removeprefix("file:")).parent if origin.startswith("file:") else None
+    config = resolve_config(apply_overrides(raw, overrides), registry, base_dir)
     if run_dir is not None and Path(config.output.dir).expanduser().resolve() != run_dir.resolve():
         raise ConfigError(
             [
@@ -155,7 +157,7 @@ def load_config(source: str | Path, overrides: list[str], registry: Registry) ->
                 "directory is resumed and written in place (copy it first to continue elsewhere)"
             ]
         )
-    config._origin = config_origin(source)
+    config._origin = origin
     return config
 
 

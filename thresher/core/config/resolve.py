@@ -8,6 +8,8 @@ import copy
 import math
 import re
 from collections.abc import Set as AbstractSet
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -26,8 +28,28 @@ PLUGIN_DEFAULTS: dict[str, str | None] = {
 }
 
 
-def resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
-    """Validate raw config data into a :class:`RunConfig`, reporting every problem at once."""
+# The directory of the config file being resolved: a plugin's validator may look for the user's
+# files beside it (``scorer.function: my_rewards:fn`` with my_rewards.py next to the config), however
+# deeply its section is nested. Set only while resolve_config runs.
+_CONFIG_DIR: ContextVar[Path | None] = ContextVar("thresher_config_dir", default=None)
+
+
+def config_directory() -> Path | None:
+    """The directory of the config file being validated, or None (a dict, a preset, no validation)."""
+    return _CONFIG_DIR.get()
+
+
+def resolve_config(raw: dict[str, Any], registry: Registry, base_dir: Path | None = None) -> RunConfig:
+    """Validate raw config data into a :class:`RunConfig`, reporting every problem at once;
+    ``base_dir``: the config file's directory (see :func:`config_directory`)."""
+    token = _CONFIG_DIR.set(base_dir)
+    try:
+        return _resolve_config(raw, registry)
+    finally:
+        _CONFIG_DIR.reset(token)
+
+
+def _resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError([f"config: expected a mapping of sections, got {type(raw).__name__}"])
     raw = copy.deepcopy(raw)
