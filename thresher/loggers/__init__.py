@@ -1,1 +1,1 @@
-"""Built-in loggers: ``jsonl`` (``metrics.jsonl``, always on) and ``tensorboard``."""
+"""Built-in loggers: ``jsonl`` (``metrics.jsonl``, always on), ``tensorboard``, ``wandb`` and ``mlflow``."""

@@ -1,10 +1,11 @@
 """The ``tensorboard`` logger: the run's metrics as TensorBoard scalars, histograms and text.
 
 Event files go to ``RUN/tensorboard`` (``tensorboard --logdir runs/`` shows every run beside the
-others). Scalars are grouped by what they describe (``reward/``, ``selection/``, ``diversity/``,
-``generation/``, ``train/``, ``time/``, ``validation/``), each at its step and at the wall-clock time
-``metrics.jsonl`` recorded. Each step also gets histograms of its rewards (all and kept) and, as
-text, its best and worst kept responses: reading them is how reward hacking is caught.
+others). Scalars are grouped by what they describe (``reward/mean``, ``selection/``, ``diversity/``,
+``generation/``, ``train/``, ``time/``, ``validation/``: see :mod:`thresher.loggers.tags`), each at
+its step and at the wall-clock time ``metrics.jsonl`` recorded. Each step also gets histograms of its
+rewards (all and kept) and, as text, its best and worst kept responses: reading them is how reward
+hacking is caught.
 
 A resumed run starts its event file with a purge at the step after its checkpoint, so the steps a
 killed run logged past that point are dropped, as ``metrics.jsonl`` drops them: no duplicate steps.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import itertools
-import math
 import os
 import socket
 import time
@@ -34,17 +34,10 @@ from pydantic import Field, model_validator
 from thresher.core.config import Section
 from thresher.core.errors import PluginError
 from thresher.core.types import PluginContext
+from thresher.loggers.tags import numeric, scalars
 
 LOG_DIR = "tensorboard"
 MISSING = "needs the tensorboard package: pip install 'thresher[tensorboard]' (scripts/install.sh installs it)"
-NOT_SCALARS = frozenset({"kind", "step", "time"})
-SELECTION = frozenset(
-    {"prompts", "rollouts", "kept", "accept_rate", "prompts_without_kept", "prompts_without_kept_fraction",
-     "nonfinite_rewards", "duplicates_not_selectable"}
-)  # fmt: skip
-GENERATION_PREFIXES = ("response_len", "finished_", "generated_tokens", "generator_", "prompts_")
-
-
 def _tensorflow_bins() -> list[float]:
     """SummaryWriter's default histogram buckets (``bins="tensorflow"``), computed as it does: from
     1e-12 growing by 10% up to 1e20, mirrored below 0."""
@@ -57,33 +50,6 @@ def _tensorflow_bins() -> list[float]:
 
 HISTOGRAM_BINS = _tensorflow_bins()
 _FILE_NUMBERS = itertools.count()  # two event files of one process in one second still differ
-
-
-def scalar_tag(key: str, kind: str) -> str:
-    """Where a metric goes in TensorBoard: ``reward/reward_mean``, ``validation/val_reward_greedy``…"""
-    if kind == "validation":
-        return f"validation/{key}"
-    if key.startswith(("reward", "scorer_")):
-        group = "reward"
-    elif key in SELECTION or key.startswith("selector_"):
-        group = "selection"
-    elif "distinct" in key:
-        group = "diversity"
-    elif key.startswith(("time_", "tokens_per_s")):
-        group = "time"
-    elif key.startswith(GENERATION_PREFIXES):
-        group = "generation"
-    else:
-        group = "train"  # loss, grad_norm, lr, tokens trained, memory, the loss plugin's own metrics
-    return f"{group}/{key}"
-
-
-def numeric(value: Any) -> float | None:
-    """The value as a finite float, or None (text, null, bool, NaN are not scalars)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 class TensorBoardLogger:
@@ -132,10 +98,8 @@ class TensorBoardLogger:
         if kind == "stop":
             events.add(text("run/stopped", str(record.get("reason", ""))), step, walltime)
         else:
-            for key, value in record.items():
-                number = numeric(value)
-                if key not in NOT_SCALARS and number is not None:
-                    events.add(scalar(scalar_tag(key, str(kind)), number), step, walltime)
+            for tag, number in scalars(record).items():
+                events.add(scalar(tag, number), step, walltime)
         events.flush()  # a step is seconds to minutes: show it now, lose nothing to a kill
 
     def log_rollouts(self, step: int, rows: list[dict[str, Any]]) -> None:

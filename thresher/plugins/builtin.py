@@ -12,7 +12,9 @@ from thresher.core.hookspecs import Register, hookimpl
 from thresher.generators.hf import HFGenerator
 from thresher.generators.vllm import VLLMGenerator
 from thresher.loggers.jsonl import JsonlLogger
+from thresher.loggers.mlflow import MlflowLogger
 from thresher.loggers.tensorboard import TensorBoardLogger
+from thresher.loggers.wandb import WandbLogger
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 from thresher.scorers.combine import CombineScorer
 from thresher.scorers.local import LocalRewardModelScorer
@@ -59,6 +61,8 @@ def register_losses(register: Register) -> None:
 def register_loggers(register: Register) -> None:
     register(JsonlLogger)
     register(TensorBoardLogger)
+    register(WandbLogger)
+    register(MlflowLogger)
 
 
 @hookimpl
