@@ -66,7 +66,7 @@ def build_app(pm: pluggy.PluginManager | None = None) -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for command in (train, generate, plugins, report, rollouts):
+    for command in (train, generate, plugins, report, rollouts, export):
         app.command()(command)
     config_app = typer.Typer(help="Check and describe run configurations.", no_args_is_help=True)
     config_app.command("validate")(config_validate)
@@ -265,6 +265,28 @@ def rollouts(
     console = Console(highlight=False, soft_wrap=True)
     for line in render_lines(view):
         console.print(line)
+
+
+@user_errors
+def export(
+    source: Annotated[
+        Path, typer.Argument(metavar="RUN", help="Run directory, or a file `thresher generate --all` wrote.")
+    ],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="sft, dpo or kto (TRL's trainers' formats).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write.")],
+    steps: Annotated[
+        str | None, typer.Option("--steps", metavar="A:B", help="Only these steps (inclusive; A: or :B).")
+    ] = None,
+    margin: Annotated[float, typer.Option(help="dpo: least reward difference between chosen and rejected.")] = 0.0,
+) -> None:
+    """A run's rollouts as SFT, DPO or KTO data, each row with its provenance (step, reward, sampling)."""
+    from thresher.observe.export import FORMATS, StepRange, write_export
+
+    if fmt not in FORMATS:
+        raise ConfigError([f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}"])
+    check_output_file(out)
+    count = write_export(source, fmt, StepRange.parse(steps), out, margin)
+    typer.echo(f"wrote {out}: {count} {fmt} rows")
 
 
 @user_errors
