@@ -38,6 +38,8 @@ from thresher.loggers.tags import numeric, scalars
 
 LOG_DIR = "tensorboard"
 MISSING = "needs the tensorboard package: pip install 'thresher[tensorboard]' (scripts/install.sh installs it)"
+
+
 def _tensorflow_bins() -> list[float]:
     """SummaryWriter's default histogram buckets (``bins="tensorflow"``), computed as it does: from
     1e-12 growing by 10% up to 1e20, mirrored below 0."""
