@@ -10,6 +10,11 @@ import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The README's test command runs two pytest-xdist workers on a two-core machine: each worker, and the
+# processes its tests start, computes on one thread (two workers with two OpenMP threads each would
+# oversubscribe the cores, and idle OpenMP threads spin). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from thresher.cli import build_app
 from thresher.core.model import build_tiny_model, build_tiny_tokenizer

@@ -364,11 +364,15 @@ def test_ctrl_c_while_scoring_a_slow_server_stops_the_wait_at_once(tmp_path, tin
     """The server holds every request from step 2 on for REQUEST_TIMEOUT_S; the scorer would wait that
     long (its timeout) and retry 5 times. Ctrl-C must cut the wait: exit 130 well inside one request's
     timeout (see STOP_BOUND_S), step 1 checkpointed, resumable."""
-    marker = tmp_path / "scoring-step-2"
-    rule = write_rule(
-        tmp_path,
-        f"    if CALLS[0] >= 2:\n        open({str(marker)!r}, 'w').close()\n        time.sleep({REQUEST_TIMEOUT_S})",
+    marker, release = tmp_path / "scoring-step-2", tmp_path / "release"
+    # The held request ends when the test releases it (after the Ctrl-C), so the server's shutdown does
+    # not wait out the rest of REQUEST_TIMEOUT_S for it.
+    hold = (
+        f"    if CALLS[0] >= 2:\n        open({str(marker)!r}, 'w').close()\n        started = time.time()\n"
+        f"        while time.time() - started < {REQUEST_TIMEOUT_S} and not os.path.exists({str(release)!r}):\n"
+        "            time.sleep(0.05)"
     )
+    rule = write_rule(tmp_path, hold)
     tiny_config["data"]["validation"] = None
     tiny_config["rs"]["max_steps"] = 3
     with serving(["--rule", rule]) as server:
@@ -385,6 +389,7 @@ def test_ctrl_c_while_scoring_a_slow_server_stops_the_wait_at_once(tmp_path, tin
             assert time.time() < deadline and train.poll() is None, train.stderr.read() if train.poll() else ""
             time.sleep(0.05)
         stopped_after, stderr = interrupt_and_time(train)
+        release.touch()
     assert train.returncode == 130, stderr
     assert stopped_after < STOP_BOUND_S, stopped_after
     assert "Traceback" not in stderr
