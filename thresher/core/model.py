@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from thresher.core.errors import ConfigError
+from thresher.core.hub_cache import local_model_dir
 
 BUILTIN_MODELS = ("smollm2", "tiny")
 # ``random:DIR``: the architecture of DIR's config.json (and its tokenizer) with seeded random weights,
@@ -97,7 +98,7 @@ def load_tokenizer(path: str) -> Any:
     elif path.startswith("builtin:"):
         raise ConfigError([f"model.path: unknown built-in {path!r}; available: builtin:smollm2, builtin:tiny"])
     else:
-        _require_model_dir(path)
+        path = _require_model_dir(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
@@ -122,16 +123,19 @@ def load_model_config(path: str, tokenizer: Any) -> Any:
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if path.startswith("builtin:"):
         raise ConfigError([f"model.path: unknown built-in {path!r}; available: builtin:smollm2, builtin:tiny"])
-    _require_model_dir(path)
+    path = _require_model_dir(path)
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError([f"model.path: cannot read {path!r}'s config.json: {_first_line(err)}"]) from None
 
 
-def _require_model_dir(path: str) -> None:
-    if not (Path(path) / "config.json").is_file():
+def _require_model_dir(path: str) -> str:
+    """The model directory ``path`` names: a folder, or a Hub id found in the local cache."""
+    directory = local_model_dir(path, "model.path")
+    if not (directory / "config.json").is_file():
         raise ConfigError([f"model.path: {path!r} is not a model directory (no config.json)"])
+    return str(directory)
 
 
 def _quiet_transformers() -> None:
@@ -144,7 +148,7 @@ def _quiet_transformers() -> None:
 def _load_local(path: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    _require_model_dir(path)
+    path = _require_model_dir(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except SafetensorError as err:

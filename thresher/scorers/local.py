@@ -10,7 +10,6 @@ Example config section::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 
 from thresher.core.config import Section
 from thresher.core.errors import ConfigError
+from thresher.core.hub_cache import local_model_dir
 from thresher.core.model import DTYPES, damaged_weights, resolve_device
 from thresher.core.types import PluginContext, Rollout
 
@@ -58,7 +58,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[to
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # Thresher reports its own phases
-    directory = Path(path)
+    directory = local_model_dir(path, "scorer.path")
     if not (directory / "config.json").is_file():
         raise ConfigError([f"scorer.path: {path!r} is not a model directory (no config.json)"])
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
