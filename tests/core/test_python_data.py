@@ -1,6 +1,6 @@
 """Prompt data from Python: a ``datasets.Dataset``, a pandas DataFrame or a list of dicts, as
 ``data.train`` / ``data.validation``: the same prompts as from a file, recorded by fingerprint, and
-a resume with other data refused."""
+a resume with other data refused; and `model.chat_template` for a tokenizer without one."""
 
 from __future__ import annotations
 
@@ -84,3 +84,25 @@ def test_what_cannot_be_held_is_one_line_naming_the_key(tmp_path):
         thresher.Run.from_config("tiny", overrides={"data.validation": empty})
     with pytest.raises(DataError, match=r"python:1 row, sha256 \w+: no column 'prompt' \(or 'messages'\)"):
         prompts_of([{"question": "no prompt field"}], tmp_path)
+
+
+TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+
+
+def test_model_chat_template_renders_prompts_and_goes_with_the_final_model(tmp_path):
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    for given in (TEMPLATE, str(tmp_path / "chat.jinja")):
+        overrides = {"model.chat_template": given, "data.chat_template": "always", "data.train": ROWS[:4],
+                     "rs.max_steps": 1, "rs.prompts_per_step": 4, "output.dir": str(tmp_path / "run"),
+                     "output.overwrite": True}  # fmt: skip
+        with thresher.Run.from_config("tiny", overrides=overrides, quiet=True) as run:
+            run.train()
+            assert run.inputs is not None
+            assert run.inputs.train_prompts[0].text == "[user] What is 0 + 2?\n[assistant] "
+        from transformers import AutoTokenizer
+
+        assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").chat_template == TEMPLATE
+    with pytest.raises(ConfigError, match=r"model\.chat_template: .*not a valid Jinja template: unexpected '}'"):
+        thresher.load_config("tiny", {"model.chat_template": "{{ messages }"})
+    with pytest.raises(ConfigError, match=r"model\.chat_template: 'nowhere\.jinja' is neither a file nor a Jinja"):
+        thresher.load_config("tiny", {"model.chat_template": "nowhere.jinja"})

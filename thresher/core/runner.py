@@ -25,6 +25,7 @@ from thresher.core import in_memory, loop
 from thresher.core.build import instantiate
 from thresher.core.config import RunConfig, dump_config, load_config, resolve_config
 from thresher.core.config.sampling import sampling_params
+from thresher.core.config.schema import chat_template_text
 from thresher.core.console import ConsoleReporter
 from thresher.core.data import PromptStream, load_prompts
 from thresher.core.errors import ConfigError
@@ -118,6 +119,8 @@ class Run:
             self.device = resolve_device(self.config.model.device)
         self.reporter.phase("reading the tokenizer, the model config and the prompts")
         tokenizer = load_tokenizer(self.config.model.path)
+        if self.config.model.chat_template is not None:
+            tokenizer.chat_template = chat_template_text(self.config.model.chat_template)
         model_config = load_model_config(self.config.model.path, tokenizer)
         train_prompts, skipped = self._prompts(self.config.data.train, tokenizer, model_config)
         val_prompts: list[Prompt] = []

@@ -59,6 +59,42 @@ class ModelConfig(Section):
         True,
         description="Stop before loading when the memory plan (thresher train --dry-run) says the run will not fit.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template, or a file holding one, for a model whose tokenizer has none (or to "
+        "replace its own); saved with the final model's tokenizer.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "{" not in value:  # a file: found beside the config file, else as given; recorded absolute
+            from thresher.core.config.resolve import config_directory
+
+            base = config_directory()
+            path = Path(value).expanduser()
+            if not path.is_absolute() and base is not None and (base / path).is_file():
+                path = base / path
+            if not path.is_file():
+                raise ValueError(f"{value!r} is neither a file nor a Jinja template (a template has {{% or {{{{)")
+            value = str(path.resolve())
+        chat_template_text(value)
+        return value
+
+
+def chat_template_text(value: str) -> str:
+    """The template ``model.chat_template`` holds or names, checked to be valid Jinja."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    text = Path(value).read_text(encoding="utf-8") if "{" not in value else value
+    try:
+        ImmutableSandboxedEnvironment().from_string(text)
+    except TemplateSyntaxError as err:
+        raise ValueError(f"not a valid Jinja template: {err.message} (line {err.lineno})") from None
+    return text
 
 
 class DataConfig(Section):
