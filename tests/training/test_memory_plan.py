@@ -59,6 +59,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, cli):
     assert not run.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU this machine does not have")
+def test_a_dry_run_plans_for_a_gpu_this_machine_lacks_and_a_run_is_refused(tmp_path, cli):
+    run = tmp_path / "run"
+    cuda = ("--set", "model.device=cuda", "--set", "model.dtype=bfloat16", "--set", f"output.dir={run}")
+    planned = cli("train", "tiny", "--dry-run", *cuda)
+    assert planned.exit_code == 0, planned.output
+    assert "memory plan on cuda:" in planned.output and "master weights" in planned.output
+    assert "note: planned for a CUDA device this machine does not have" in planned.output
+    assert "available" in planned.output and "unknown" in planned.output and not run.exists()
+    refused = cli("train", "tiny", *cuda)
+    assert refused.exit_code == 2
+    assert "error: model.device: 'cuda' requested but CUDA is not available" in refused.output
+
+
 def test_an_8b_policy_plans_to_fit_80gb_only_with_lora_and_checkpointing(tmp_path, tiny_tokenizer, registry):
     """Llama-3-8B's shape (all 32 layers), bf16: 512-token prompts + 256 new tokens, micro-batches of 16."""
     model_dir = llama_8b_dir(tmp_path / "llama8b", tiny_tokenizer)

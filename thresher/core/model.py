@@ -38,15 +38,16 @@ CausalLM = Any
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(spec: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; anything else is passed to torch (and checked)."""
+def resolve_device(spec: str, present: bool = True) -> torch.device:
+    """'auto' → CUDA when available, else CPU; anything else is passed to torch (and checked to be on
+    this machine, unless ``present`` is False: a memory plan for a GPU this machine does not have)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
         raise ConfigError([f"model.device: {spec!r} is not a torch device"]) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if present and device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"model.device: {spec!r} requested but CUDA is not available"])
     return device
 

@@ -115,8 +115,8 @@ class Run:
 
     def plan(self, training: bool = True) -> MemoryPlan:
         """The memory plan, from the config, the model's config and the prompts (nothing heavy)."""
-        if self._built is None:  # a dry run; a real one has resolved the device (its rank's GPU) already
-            self.device = resolve_device(self.config.model.device)
+        if self._built is None:  # a dry run (maybe for a GPU this machine lacks); a real one resolved it already
+            self.device = resolve_device(self.config.model.device, present=False)
         self.reporter.phase("reading the tokenizer, the model config and the prompts")
         tokenizer = load_tokenizer(self.config.model.path)
         if self.config.model.chat_template is not None:
@@ -135,6 +135,10 @@ class Run:
         memory_plan = plan_run_memory(
             self.config, model_config, train_prompts, self.device, training, self.dist.world_size, generator_cls
         )
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            memory_plan.notes.append(
+                "planned for a CUDA device this machine does not have: compare the peaks with its memory"
+            )
         self.inputs = Inputs(tokenizer, train_prompts, val_prompts, skipped, memory_plan)
         return memory_plan
 

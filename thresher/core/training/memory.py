@@ -423,6 +423,8 @@ def available_memory(device: torch.device) -> int | None:
     """Free memory for this run: a CUDA device's free bytes, or on CPU the memory the OS reports
     available plus what this process already holds (its runtime is an item of the plan)."""
     if device.type == "cuda":
+        if not torch.cuda.is_available():  # a plan for a GPU this machine does not have
+            return None
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type != "cpu":
