@@ -281,3 +281,23 @@ def test_text_from_the_run_directory_is_shown_as_text_never_as_markup(tmp_path):
     _, rows = read_csv(tmp_path / "report_files" / "reward_parts.csv")
     assert list(rows[0]) == ["run", "step", part] and rows[0]["run"] == label  # the CSV holds the exact names
     assert (tmp_path / "report_files" / "reward_parts.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_keeps_its_colour_in_every_figure_and_overlapping_series_say_so(runs, tmp_path):
+    from thresher.observe.report import FIGURES, FigureData, RunSeries, figure_data, series_labels
+    from thresher.observe.runs import load_runs
+
+    silent = tmp_path / "no-validation"  # a run without validation records: absent from that figure only
+    shutil.copytree(runs["topk"], silent)
+    lines = (silent / "metrics.jsonl").read_text().splitlines()
+    (silent / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if '"kind": "validation"' not in x))
+    loaded = load_runs([silent, runs["random"]])
+    by_name = {spec.name: figure_data(spec, loaded) for spec in FIGURES}
+    assert [part.index for part in by_name["validation"].runs] == [1]  # the second run, as in the others
+    assert [part.index for part in by_name["reward"].runs] == [0, 1]
+    spec = next(s for s in FIGURES if s.name == "reward")
+    same = RunSeries("a", [1, 2], {"reward_mean": [0.5, 0.6], "reward_kept_mean": [0.5, 0.6]})
+    apart = RunSeries("b", [1, 2], {"reward_mean": [0.5, 0.6], "reward_kept_mean": [0.5, 0.7]})
+    data = FigureData(spec, ["reward_mean", "reward_kept_mean"], {"reward_mean": "all", "reward_kept_mean": "kept"})
+    assert series_labels(data, same) == {"reward_mean": "all", "reward_kept_mean": "kept (= all)"}
+    assert series_labels(data, apart) == {"reward_mean": "all", "reward_kept_mean": "kept"}

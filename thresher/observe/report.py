@@ -75,6 +75,7 @@ FIGURES: tuple[FigureSpec, ...] = (
 )  # fmt: skip
 
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "D", "v")
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RunSeries:
     label: str
     steps: list[int]
     values: dict[str, list[float | None]]
+    index: int = 0  # the run's place among all the report's runs: its colour in every figure
 
 
 @dataclass
@@ -105,12 +107,11 @@ def figure_data(spec: FigureSpec, runs: list[RunRecords]) -> FigureData:
     series = spec.all_series(runs)
     keys = [key for key, _ in series]
     parts = []
-    for run in runs:
+    for index, run in enumerate(runs):
         present = [k for k in keys if any(number(r.get(k)) is not None for r in run.records(spec.kind))]
         rows = [r for r in run.records(spec.kind) if any(number(r.get(k)) is not None for k in present)]
-        parts.append(
-            RunSeries(run.label, [int(r["step"]) for r in rows], {k: [number(r.get(k)) for r in rows] for k in present})
-        )
+        values = {k: [number(r.get(k)) for r in rows] for k in present}
+        parts.append(RunSeries(run.label, [int(r["step"]) for r in rows], values, index))
     columns = [k for k in keys if any(k in part.values for part in parts)]
     return FigureData(spec, columns, dict(series), [part for part in parts if part.steps])
 
@@ -136,8 +137,23 @@ def _matplotlib() -> Any:
     return matplotlib
 
 
+def series_labels(data: FigureData, part: RunSeries) -> dict[str, str]:
+    """Legend labels of one run's series; a series identical to an earlier one of the same run says
+    so (``kept (= all)``), since its line lies exactly on the other's."""
+    labels: dict[str, str] = {}
+    for column in data.columns:
+        if column not in part.values:
+            continue
+        same = next((c for c in labels if part.values[c] == part.values[column]), None)
+        label = data.labels[column]
+        labels[column] = f"{label} (= {data.labels[same]})" if same is not None else label
+    return labels
+
+
 def render_png(data: FigureData, path: Path) -> None:
-    """The figure as a PNG: a colour per run, a line style per series, points marked (short runs)."""
+    """The figure as a PNG: a colour per run (the same in every figure of a report), a line style and
+    marker per series, so series that overlap stay visible; validation points (measured at a few
+    steps) drawn larger."""
     matplotlib = _matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -147,13 +163,18 @@ def render_png(data: FigureData, path: Path) -> None:
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for r, part in enumerate(data.runs):
+    size = 6 if data.spec.kind == "validation" else 4
+    for part in data.runs:
+        labels = series_labels(data, part)
         for s, column in enumerate(data.columns):
             if column not in part.values:
                 continue
             values = [float("nan") if v is None else v for v in part.values[column]]
-            ax.plot(part.steps, values, color=colours(r % 10), linestyle=LINESTYLES[s % len(LINESTYLES)],
-                    marker="o", markersize=3, label=_literal(f"{part.label} · {data.labels[column]}"))  # fmt: skip
+            # later series get smaller, hollow markers: one drawn over another leaves both visible
+            ax.plot(part.steps, values, color=colours(part.index % 10), linestyle=LINESTYLES[s % len(LINESTYLES)],
+                    marker=MARKERS[s % len(MARKERS)], markersize=max(2, size - s),
+                    markerfacecolor="none" if s else None,
+                    label=_literal(f"{part.label} · {labels[column]}"))  # fmt: skip
     ax.set_title(data.spec.title)
     ax.set_xlabel("step")
     ax.set_ylabel(data.spec.ylabel)
