@@ -141,13 +141,13 @@ def test_an_overwritten_run_starts_a_fresh_event_file(tmp_path):
     ("loggers", "problem"),
     [
         ({"type": "tensorboard"}, "loggers: expected a list like [{type: tensorboard}], got dict"),
-        ([{"type": "wandb"}], "loggers[0].type: unknown logger 'wandb'; available: jsonl, tensorboard"),
+        ([{"type": "comet"}], "loggers[0].type: unknown logger 'comet'; available: jsonl, mlflow, tensorboard, wandb"),
         (
             [{"type": "tensorboard", "samples": -1}],
             "loggers[0].samples: Input should be greater than or equal to 0 (got -1)",
         ),
         ([{"type": "tensorboard"}, {"type": "tensorboard"}], "loggers[1].type: 'tensorboard' is listed twice"),
-        ([{"kind": "tensorboard"}], "loggers[0].type: required (choose one of: jsonl, tensorboard)"),
+        ([{"kind": "tensorboard"}], "loggers[0].type: required (choose one of: jsonl, mlflow, tensorboard, wandb)"),
     ],
 )
 def test_a_bad_loggers_section_is_one_line_naming_it(tmp_path, loggers, problem):

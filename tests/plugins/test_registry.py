@@ -52,7 +52,7 @@ def test_builtins_are_registered(registry):
     assert registry.names("scorer") == ["combine", "local", "rule", "triton"]
     assert registry.names("selector") == ["band", "chain", "global_top_fraction", "random", "threshold", "topk"]
     assert registry.names("loss") == ["masked_mean_logprob"]
-    assert registry.names("logger") == ["jsonl", "tensorboard"]
+    assert registry.names("logger") == ["jsonl", "mlflow", "tensorboard", "wandb"]
 
 
 def test_unknown_name_lists_what_is_available(registry):
@@ -283,7 +283,7 @@ def test_hook_register_loggers(plugin_manager):
 
     registry = _registered(plugin_manager, Plugin(), "logger")
     assert registry.get("logger", "counting") is CountingLogger
-    assert registry.names("logger") == ["counting", "jsonl", "tensorboard"]
+    assert registry.names("logger") == ["counting", "jsonl", "mlflow", "tensorboard", "wandb"]
     with pytest.raises(PluginError, match=r"logger plugin '.*NoLog': missing logger method\(s\): log$"):
         registry.add("logger", NoLog)
     assert thresher.register(CountingLogger) is CountingLogger  # the kind is inferred from log/close
