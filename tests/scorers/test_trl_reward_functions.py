@@ -137,3 +137,20 @@ def test_an_argument_the_data_cannot_give_stops_the_run_before_the_model_loads(t
         "take prompts, responses, finish_reasons, completions, completion_ids and the data's columns (answer)"
     ]
     assert "model builtin:tiny" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_combine_part_that_needs_a_missing_column_is_named_before_the_model_loads(tmp_path):
+    (tmp_path / "needs.py").write_text(
+        "def graded(completions, solution, **kwargs):\n    return [0.0] * len(completions)\n"
+    )
+    combine = (
+        "scorer={type: combine, parts: [{name: digits, scorer: {type: rule, function: "
+        "'thresher.presets.rewards:digit_share'}}, {name: graded, scorer: {type: rule, function: 'needs:graded'}}]}"
+    )
+    done = thresher("train", "tiny", "--set", combine, "--set", f"output.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: scorer.parts[1].scorer.function: needs:graded requires 'solution', which no call passes"
+    ), errors
+    assert not (tmp_path / "run").exists()

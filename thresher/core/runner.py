@@ -144,14 +144,15 @@ class Run:
 
     def _check_data_columns(self, prompts: list[Prompt]) -> None:
         """A scorer section's ``Config`` may check itself against the data's columns (optional
-        ``check_columns(columns, where)`` returning problems; the rule scorer checks its function's
-        arguments): a reward that cannot be called fails here, before the model loads."""
+        ``check_columns(columns, where, registry)`` returning problems; the rule scorer checks its
+        function's arguments, combine its parts'): a reward that cannot be called fails here, before the
+        model loads."""
         columns = {key for prompt in prompts for key in prompt.extra}
         problems: list[str] = []
         for where, spec in (("scorer", self.config.scorer), ("validation_scorer", self.config.validation_scorer)):
             check = getattr(spec.config, "check_columns", None) if spec is not None else None
             if check is not None:
-                problems.extend(check(columns, where))
+                problems.extend(check(columns, where, self.registry))
         if problems:
             raise ConfigError(problems)
 

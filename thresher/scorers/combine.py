@@ -28,6 +28,7 @@ a sign of hacking). A failing part fails the step like any scorer.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal
 
@@ -36,7 +37,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from thresher.core.build import build_nested
 from thresher.core.checks import as_rewards
-from thresher.core.config import Section
+from thresher.core.config import Section, resolve_plugin_section
 from thresher.core.errors import ConfigError
 from thresher.core.nested import ScorerSection
 from thresher.core.normalize import zscore_within_groups
@@ -91,6 +92,17 @@ class CombineScorer:
             if self.mode == "gate" and len(self.parts) < 2:
                 raise ValueError("mode gate needs the verifier and at least one other part")
             return self
+
+        def check_columns(self, columns: Collection[str], where: str, registry: Any) -> list[str]:
+            """Each part's scorer checked against the data's columns (see Run's data check)."""
+            problems: list[str] = []
+            for i, part in enumerate(self.parts):
+                place = f"{where}.parts[{i}].scorer"
+                spec = resolve_plugin_section("scorer", part.scorer, registry, place)
+                check = getattr(spec.config, "check_columns", None)
+                if check is not None:
+                    problems.extend(check(columns, place, registry))
+            return problems
 
         @model_validator(mode="after")
         def _finite_numbers(self, info: ValidationInfo) -> CombineScorer.Config:

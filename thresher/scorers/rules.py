@@ -65,7 +65,7 @@ class RuleScorer:
                 raise ValueError(err.problems[0].removeprefix(": ")) from None
             return value
 
-        def check_columns(self, columns: Collection[str], where: str) -> list[str]:
+        def check_columns(self, columns: Collection[str], where: str, registry: Any = None) -> list[str]:
             """Problems with the data: arguments the function requires that no call would pass."""
             function = load_callable(self.function, f"{where}.function")
             available = [*THRESHER_ARGUMENTS, *sorted(columns)]
