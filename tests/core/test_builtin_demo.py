@@ -49,3 +49,32 @@ def test_demo_preset_runs_a_step(cli, tmp_path):
         r["prompt"].startswith("<|im_start|>system") and r["prompt"].endswith("<|im_start|>assistant\n") for r in rows
     )
     assert all(r["reward"] in (0.0, 1.0) for r in rows)
+
+
+def test_once_cached_by_the_install_a_dry_run_never_parses_the_gguf_file(tmp_path):
+    """scripts/install.sh runs cache_builtin_smollm2(); after it, planning the demo (tokenizer, config,
+    prompts) must not touch the GGUF file: here every GGUF parse raises."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import transformers.modeling_gguf_pytorch_utils as gguf
+from thresher.core.model import cache_builtin_smollm2
+cache = cache_builtin_smollm2()
+def refuse(*args, **kwargs):
+    raise AssertionError("the GGUF file was parsed")
+gguf.load_gguf_checkpoint = refuse
+import thresher
+with thresher.Run.from_config("demo", overrides={"output.dir": "unused"}, quiet=True) as run:
+    plan = run.plan()
+print(cache, plan.training_peak > 0)
+"""
+    env = {**os.environ, "THRESHER_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    cache, planned = done.stdout.split()
+    assert planned == "True" and Path(cache).parent == tmp_path / "cache"
+    assert (Path(cache) / "model.safetensors").is_file() and (Path(cache) / "tokenizer.json").is_file()
