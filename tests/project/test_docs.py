@@ -64,6 +64,24 @@ def test_every_relative_link_and_image_points_to_a_file():
             assert file.exists(), f"{path.name}: {target} does not exist"
 
 
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_link_to_a_section_names_a_heading_that_exists():
+    for path in DOCS:
+        text = FENCE.sub("", path.read_text())
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or "#" not in target:
+                continue
+            name, anchor = target.split("#", 1)
+            file = (path.parent / name).resolve() if name else path
+            headings = re.findall(r"^#+\s+(.*)$", FENCE.sub("", file.read_text()), re.MULTILINE)
+            assert anchor in {heading_anchor(h) for h in headings}, f"{path.name}: {target}: no such heading"
+
+
 def test_every_block_has_a_language_this_test_knows():
     for path in DOCS:
         for block in blocks(path):
