@@ -61,3 +61,17 @@ def cli_errors(result, exit_code: int) -> list[str]:
     assert result.exit_code == exit_code, result.output
     assert "Traceback" not in result.output
     return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+class IdleGenerator:
+    """A generator's methods, doing nothing: for tests that only look at how a generator is built
+    or registered."""
+
+    def generate(self, prompts, n, *, seed, greedy=False):
+        return []
+
+    def load_weights(self, policy):
+        pass
+
+    def close(self):
+        pass

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import thresher
-from tests.helpers import install
+from tests.helpers import IdleGenerator, install
 from thresher.core.training.memory import ROLLOUT_BYTES, ROLLOUT_BYTES_PER_TOKEN
 from thresher.plugin import Section
 
@@ -198,19 +198,6 @@ def test_band_hands_its_inner_selector_the_rollouts_and_checks_its_mask(tmp_path
         pytest.raises(thresher.plugin.PluginError, match=r"^selector 'one_column' returned a mask of shape \[4, 1\]"),
     ):
         run.train()
-
-
-class IdleGenerator:
-    """A generator's methods, doing nothing: the tests below only look at how it is built."""
-
-    def generate(self, prompts, n, *, seed, greedy=False):
-        return []
-
-    def load_weights(self, policy):
-        pass
-
-    def close(self):
-        pass
 
 
 class SamplingWatcher(IdleGenerator):

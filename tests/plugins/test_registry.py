@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel
 
 import thresher
+from tests.helpers import IdleGenerator
 from thresher.core.config import load_config
 from thresher.core.console import ConsoleReporter
 from thresher.core.errors import PluginError
@@ -205,19 +206,10 @@ def _registered(plugin_manager, plugin, kind):
 
 
 def test_hook_register_generators(plugin_manager):
-    class MyGenerator:
+    class MyGenerator(IdleGenerator):
         name = "mine"
 
         class Config(BaseModel):
-            pass
-
-        def generate(self, prompts, n, *, seed, greedy=False):
-            return []
-
-        def load_weights(self, policy):
-            pass
-
-        def close(self):
             pass
 
     class Plugin:

@@ -59,10 +59,11 @@ def read_rows(source: str, *, field: str = "prompt", messages_field: str = "mess
     return [(f"{path}:{line_number}", row) for line_number, row in read_jsonl(path)]
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Return ``(line_number, row)`` pairs; blank lines are skipped, anything malformed is an error."""
+def read_jsonl(path: Path, what: str = "prompt") -> list[tuple[int, dict[str, Any]]]:
+    """Return ``(line_number, row)`` pairs; blank lines are skipped, anything malformed is an error
+    (``what`` the rows are, for the messages: prompts, or rollouts for ``thresher export``)."""
     if not path.is_file():
-        raise DataError(f"{path}: prompt file not found")
+        raise DataError(f"{path}: {what} file not found")
     rows = []
     try:
         with path.open(encoding="utf-8-sig") as handle:  # a UTF-8 byte-order mark is allowed
@@ -79,7 +80,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (byte {err.start})") from None
     if not rows:
-        raise DataError(f"{path}: no prompts (the file is empty)")
+        raise DataError(f"{path}: no {what}s (the file is empty)")
     return rows
 
 

@@ -10,7 +10,6 @@ same MLflow run (its id is kept in ``RUN/mlflow_run_id``) and rewrites the steps
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -23,6 +22,7 @@ from pydantic import Field, model_validator
 from thresher.core.config import Section
 from thresher.core.errors import PluginError
 from thresher.core.types import PluginContext
+from thresher.loggers.common import check_installed, run_dir_of
 from thresher.loggers.tags import best_and_worst_kept, numeric, scalars
 
 MISSING = "needs mlflow: pip install 'thresher[mlflow]' (mlflow-skinny, with SQLAlchemy for the SQLite store)"
@@ -42,8 +42,7 @@ class MlflowLogger:
 
         @model_validator(mode="after")
         def _installed(self) -> MlflowLogger.Config:
-            if importlib.util.find_spec("mlflow") is None:  # at config validation, not when training starts
-                raise ValueError(MISSING)
+            check_installed("mlflow", MISSING)
             return self
 
     def __init__(self, config: Config, context: PluginContext):
@@ -52,11 +51,9 @@ class MlflowLogger:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise PluginError(f"logger mlflow: {MISSING}") from None
-        if context.run_dir is None:
-            raise ValueError("the mlflow logger needs the run directory in its context")
+        run_dir = run_dir_of(context, self.name)
         self.config = config
         self._metric = Metric
-        run_dir = context.run_dir
         uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve()}/mlflow.db"
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(config.experiment)

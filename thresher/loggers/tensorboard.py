@@ -20,7 +20,6 @@ off (see ``thresher.core.run.loggers``): training goes on.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import os
 import socket
@@ -34,6 +33,7 @@ from pydantic import Field, model_validator
 from thresher.core.config import Section
 from thresher.core.errors import PluginError
 from thresher.core.types import PluginContext
+from thresher.loggers.common import check_installed, run_dir_of
 from thresher.loggers.tags import numeric, scalars
 
 LOG_DIR = "tensorboard"
@@ -63,9 +63,7 @@ class TensorBoardLogger:
 
         @model_validator(mode="after")
         def _installed(self) -> TensorBoardLogger.Config:
-            # At config validation, not hours later when training starts.
-            if importlib.util.find_spec("tensorboard") is None:
-                raise ValueError(MISSING)
+            check_installed("tensorboard", MISSING)
             return self
 
     def __init__(self, config: Config, context: PluginContext):
@@ -73,10 +71,9 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import summary  # noqa: F401 - fails here if tensorboard is missing
         except ImportError:
             raise PluginError(f"logger tensorboard: {MISSING}") from None
-        if context.run_dir is None:
-            raise ValueError("the tensorboard logger needs the run directory in its context")
+        run_dir = run_dir_of(context, self.name)
         self.config = config
-        self.log_dir = context.run_dir / LOG_DIR
+        self.log_dir = run_dir / LOG_DIR
         purge = context.resumed_step + 1 if context.resumed_step else None
         # An event folder that cannot be written is not a reason to refuse the run: the error is kept and
         # raised by the first call, where the run reports it and switches this logger off.

@@ -11,7 +11,6 @@ already has, so the steps a killed run logged past its checkpoint keep their fir
 
 from __future__ import annotations
 
-import importlib.util
 import secrets
 import string
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import Field, model_validator
 from thresher.core.config import Section
 from thresher.core.errors import PluginError
 from thresher.core.types import PluginContext
+from thresher.loggers.common import check_installed, run_dir_of
 from thresher.loggers.tags import best_and_worst_kept, numeric, scalars
 
 MISSING = "needs the wandb package: pip install 'thresher[wandb]'"
@@ -45,8 +45,7 @@ class WandbLogger:
 
         @model_validator(mode="after")
         def _installed(self) -> WandbLogger.Config:
-            if importlib.util.find_spec("wandb") is None:  # at config validation, not when training starts
-                raise ValueError(MISSING)
+            check_installed("wandb", MISSING)
             return self
 
     def __init__(self, config: Config, context: PluginContext):
@@ -54,11 +53,10 @@ class WandbLogger:
             import wandb
         except ImportError:
             raise PluginError(f"logger wandb: {MISSING}") from None
-        if context.run_dir is None:
-            raise ValueError("the wandb logger needs the run directory in its context")
+        run_dir = run_dir_of(context, self.name)
         self.config = config
         self.wandb = wandb
-        folder = context.run_dir / "wandb"
+        folder = run_dir / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / "thresher_run_id"
         resuming = bool(context.resumed_step) and id_file.is_file()
@@ -66,9 +64,9 @@ class WandbLogger:
         self.run = wandb.init(
             project=config.project,
             entity=config.entity,
-            name=config.run_name or context.run_dir.name,
-            dir=str(context.run_dir),
-            config=_run_config(context.run_dir),
+            name=config.run_name or run_dir.name,
+            dir=str(run_dir),
+            config=_run_config(run_dir),
             mode=config.mode,
             tags=config.tags or None,
             id=run_id,

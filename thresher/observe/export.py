@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from thresher.core.datasource import read_jsonl
 from thresher.core.errors import DataError
 
 Format = Literal["sft", "dpo", "kto"]
@@ -131,17 +132,10 @@ def _steps(source: Path, steps: StepRange) -> Iterator[tuple[int | None, list[di
 
 def _read(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not {"prompt", "response", "reward"} <= set(row):
-                raise DataError(f"{path}:{number}: not a rollout (needs prompt, response and reward)")
-            rows.append(row)
+    for number, row in read_jsonl(path, "rollout"):
+        if not {"prompt", "response", "reward"} <= set(row):
+            raise DataError(f"{path}:{number}: not a rollout (needs prompt, response and reward)")
+        rows.append(row)
     return rows
 
 
