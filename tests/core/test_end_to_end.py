@@ -157,16 +157,22 @@ def test_existing_run_is_not_overwritten_by_accident(tiny_config, write_config, 
 
 
 @pytest.mark.parametrize(
-    "policy",
+    ("policy", "loss"),
     [
-        pytest.param({}, id="fp32"),
-        pytest.param({"dtype": "bfloat16"}, id="bf16-master-weights"),
-        pytest.param({"lora": {"r": 4}}, id="lora"),
+        pytest.param({}, None, id="fp32"),
+        pytest.param({"dtype": "bfloat16"}, None, id="bf16-master-weights"),
+        pytest.param({"lora": {"r": 4}}, None, id="lora"),
+        pytest.param({}, {"type": "raft_pp"}, id="raft_pp"),
+        pytest.param({"lora": {"r": 4}}, {"type": "reinforce_rej", "scale": "std"}, id="lora-reinforce_rej"),
     ],
 )
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, write_config, cli, tmp_path, policy):
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
+    tiny_config, write_config, cli, tmp_path, policy, loss
+):
     tiny_config["rs"].update(max_steps=4, save_every=2)
     tiny_config["model"].update(policy)
+    if loss is not None:
+        tiny_config["loss"] = loss
     whole = dict(tiny_config, output={**tiny_config["output"], "dir": str(tmp_path / "whole")})
     assert cli("train", write_config(whole, "whole.yaml"), "--quiet").exit_code == 0
 

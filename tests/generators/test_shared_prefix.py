@@ -64,10 +64,19 @@ def gqa_model(tiny_tokenizer):
 
 
 def _decode(model, tokenizer, *, greedy: bool = False, **options) -> list[tuple[list[int], str]]:
+    """The responses and finish reasons; the recorded log-probs agree (float noise aside) whatever
+    the options, and are checked here once per call against the default path's."""
     prompts = [tuple(tokenizer(t)["input_ids"]) for t in TEXTS]
     eos = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(c) for c in "xyz")}
     sampling = Sampling(24, temperature=0.8, top_k=40, greedy=greedy)
-    return decode(model, prompts, 6, sampling, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=5, **options)
+    results = decode(model, prompts, 6, sampling, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=5, **options)
+    assert all(len(r.logprobs) == len(r.token_ids) for r in results)
+    if options:
+        default = decode(model, prompts, 6, sampling, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=5)
+        for got, expected in zip(results, default, strict=True):
+            if got.token_ids == expected.token_ids:
+                assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+    return [(r.token_ids, r.finish_reason) for r in results]
 
 
 @pytest.mark.parametrize("greedy", [False, True])
@@ -83,7 +92,7 @@ def test_shared_kv_decodes_the_same_samples_as_repeated_caches(gqa_model, tiny_t
     reasons = [reason for _, reason in shared]
     assert "eos" in reasons and "length" in reasons  # rows left the batch at different steps
     if not greedy:
-        assert len({tuple(ids) for ids, _ in shared}) > 12  # real samples, not copies
+        assert len({tuple(ids) for ids, *_ in shared}) > 12  # real samples, not copies
 
 
 def test_the_models_attention_implementation_is_restored(gqa_model, tiny_tokenizer):

@@ -83,6 +83,20 @@ def test_n_rollouts_per_prompt_grouped_with_their_own_token_ids(engine, generato
     assert len({tuple(r.response_ids) for r in rollouts}) > 6  # sampled, not copies
 
 
+def test_rollouts_carry_the_policy_log_probs_of_their_tokens(engine, generator):
+    """What the importance-weighted losses divide by: each sampled token's log-prob under the raw
+    distribution (temperature 1, nothing filtered), equal to the training pass's whatever the
+    sampling temperature and top-k."""
+    _, policy, tokenizer = engine
+    with_options(generator, temperature=0.7, top_k=20)
+    rollouts = generator.generate(prompts_for(tokenizer), 2, seed=3)
+    sequences = [list(r.prompt.token_ids) + r.response_ids for r in rollouts]
+    for r, full in zip(rollouts, policy_logprobs(policy, sequences), strict=True):
+        assert r.logprobs is not None and len(r.logprobs) == len(r.response_ids)
+        expected = full[len(r.prompt.token_ids) - 1 :].float()
+        torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=_atol(policy), rtol=0)
+
+
 def test_the_engine_reports_no_usage_statistics(engine):
     """No network at run time: vLLM's usage reporting is off unless the user turns it on."""
     from vllm.usage.usage_lib import is_usage_stats_enabled

@@ -52,7 +52,7 @@ def test_builtins_are_registered(registry):
     assert registry.names("generator") == ["hf", "vllm"]
     assert registry.names("scorer") == ["combine", "local", "rule", "triton"]
     assert registry.names("selector") == ["band", "chain", "global_top_fraction", "random", "threshold", "topk"]
-    assert registry.names("loss") == ["masked_mean_logprob"]
+    assert registry.names("loss") == ["masked_mean_logprob", "raft_pp", "reinforce_rej"]
     assert registry.names("logger") == ["jsonl", "mlflow", "tensorboard", "wandb"]
 
 

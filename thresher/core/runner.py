@@ -51,8 +51,8 @@ from thresher.core.training.memory import (
 from thresher.core.training.precision import check_trainable_precision, wants_master_weights
 from thresher.core.training.sharding import PolicyHolder
 from thresher.core.training.trainer import Trainer
-from thresher.core.trainset import training_set_for
-from thresher.core.types import Generator, PluginContext, Prompt, Scorer
+from thresher.core.trainset import check_training_set, training_set_for
+from thresher.core.types import Generator, PluginContext, Prompt, Scorer, loss_inputs, trains_on
 
 ConfigSource = str | Path | dict[str, Any] | RunConfig
 
@@ -129,6 +129,7 @@ class Run:
         if self.config.rs.val_max_prompts is not None:
             val_prompts = val_prompts[: self.config.rs.val_max_prompts]
         self._check_data_columns(train_prompts + val_prompts)
+        self._check_loss()
         if skipped:
             self.reporter.info(f"skipped {skipped} training prompts longer than the limit")
         generator_cls = self.registry.get("generator", self.config.generator.type)
@@ -153,6 +154,15 @@ class Run:
             check = getattr(spec.config, "check_columns", None) if spec is not None else None
             if check is not None:
                 problems.extend(check(columns, where, self.registry))
+        if problems:
+            raise ConfigError(problems)
+
+    def _check_loss(self) -> None:
+        """A loss that trains on rejected rollouts, or reads rewards and groups, needs this step's
+        rollouts: refused with the training sets that replay earlier steps' responses."""
+        loss_cls = self.registry.get("loss", self.config.loss.type)
+        whole_groups = trains_on(loss_cls) == "groups"
+        problems = check_training_set(self.config.rs, self.config.loss.type, whole_groups, loss_inputs(loss_cls))
         if problems:
             raise ConfigError(problems)
 
@@ -256,7 +266,7 @@ class Run:
             plugins=plugins,
             stream=PromptStream(inputs.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle),
             trainer=trainer,
-            trainset=training_set_for(cfg.rs),
+            trainset=training_set_for(cfg.rs, whole_groups=trains_on(plugins.loss) == "groups"),
             guardrails=Guardrails(cfg.guardrails),
             progress=self.progress,
         )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from thresher.core.config import RSConfig
 from thresher.core.run.records import ScoredStep
 from thresher.core.selection import BestPool
@@ -22,18 +24,57 @@ from thresher.core.types import Prompt
 
 
 class KeptThisStep:
+    """This step's kept rollouts; ``whole_groups`` (a loss with ``trains_on = "groups"``): every valid
+    rollout of each prompt with at least one kept, rejected ones too. Each sequence carries what the
+    losses may ask for: its generation-time log-probs, reward, kept flag, group and group statistics."""
+
     restarts_from_base = False
+
+    def __init__(self, whole_groups: bool = False):
+        self.whole_groups = whole_groups
 
     def sequences(
         self, step: int, prompts: list[Prompt], scored: ScoredStep, record: dict[str, Any]
     ) -> list[TrainSequence]:
-        return [TrainSequence(r.prompt.token_ids, tuple(r.response_ids)) for r in scored.kept_rollouts()]
+        kept, valid, rewards = scored.kept, scored.valid, scored.rewards
+        trained = (valid & kept.any(dim=1, keepdim=True)) if self.whole_groups else kept
+        mean, std = group_statistics(rewards, valid)
+        n = rewards.shape[1]
+        sequences = []
+        for index in trained.flatten().nonzero().flatten().tolist():
+            group, r = index // n, scored.rollouts[index]
+            sequences.append(
+                TrainSequence(
+                    r.prompt.token_ids,
+                    tuple(r.response_ids),
+                    old_logprobs=tuple(r.logprobs) if r.logprobs is not None else None,
+                    reward=float(rewards[group, index % n]),
+                    kept=bool(kept[group, index % n]),
+                    group=group,
+                    group_reward_mean=float(mean[group]),
+                    group_reward_std=float(std[group]),
+                )
+            )
+        if self.whole_groups:
+            record["trained_rejected"] = sum(not s.kept for s in sequences)
+        return sequences
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def group_statistics(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's mean reward and sample standard deviation (as GRPO's) over its valid rollouts;
+    the deviation is 0 for a prompt with fewer than two (nothing to compare)."""
+    counts = valid.sum(dim=1)
+    values = torch.where(valid, rewards, torch.zeros_like(rewards)).double()
+    mean = values.sum(dim=1) / counts.clamp(min=1)
+    squares = torch.where(valid, (rewards.double() - mean[:, None]) ** 2, torch.zeros_like(values)).sum(dim=1)
+    std = (squares / (counts - 1).clamp(min=1)).sqrt()
+    return mean.float(), torch.where(counts > 1, std, torch.zeros_like(std)).float()
 
 
 class BestEverPool:
@@ -86,10 +127,26 @@ class EverythingSoFar:
 TrainingSet = KeptThisStep | BestEverPool | EverythingSoFar
 
 
-def training_set_for(rs: RSConfig) -> TrainingSet:
-    """The strategy ``rs.pool_best`` and ``rs.restart_from_base`` ask for."""
+def training_set_for(rs: RSConfig, whole_groups: bool = False) -> TrainingSet:
+    """The strategy ``rs.pool_best`` and ``rs.restart_from_base`` ask for; ``whole_groups``: the loss
+    trains on every rollout of the selected groups (see :func:`check_training_set`)."""
     if rs.pool_best:
         return BestEverPool(every_prompt=rs.restart_from_base)
     if rs.restart_from_base:
         return EverythingSoFar()
-    return KeptThisStep()
+    return KeptThisStep(whole_groups)
+
+
+def check_training_set(rs: RSConfig, loss_type: str, whole_groups: bool, inputs: frozenset[str]) -> list[str]:
+    """Config errors for a loss that needs this step's rollouts (rejected ones, or their rewards and
+    groups) combined with a training set of responses kept in earlier steps, which have none."""
+    needs_step = whole_groups or bool(inputs - {"old_logprobs"})
+    options = {"rs.pool_best": rs.pool_best, "rs.restart_from_base": rs.restart_from_base}
+    pooled = [name for name, on in options.items() if on]
+    if needs_step and pooled:
+        what = "every rollout of a group" if whole_groups else "each response's reward and group"
+        return [
+            f"loss.type: {loss_type!r} needs {what} from the step that sampled it; "
+            f"{' and '.join(pooled)} train on responses of earlier steps — use one or the other"
+        ]
+    return []

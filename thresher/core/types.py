@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import torch
 from pydantic import BaseModel
 
+from thresher.core.errors import PluginError
+
 if TYPE_CHECKING:
     from thresher.core.config.sampling import SamplingParams
 
@@ -47,6 +49,11 @@ class Rollout:
 
     ``group`` is the prompt's position in the step's batch (the selector's grouping key: two equal
     prompts are two groups) and ``sample`` the rollout's position within its group.
+
+    ``logprobs``: log π_old(token) of each response token under the policy that sampled it, at
+    temperature 1 and without top-k/top-p (what the training pass computes, so the importance ratio
+    π_θ/π_old of losses such as ``raft_pp`` starts at 1). Every built-in generator records them; a
+    generator that leaves them None gets them recomputed before the step's first update.
     """
 
     prompt: Prompt
@@ -55,6 +62,7 @@ class Rollout:
     response_ids: list[int]
     text: str
     finish_reason: FinishReason
+    logprobs: list[float] | None = None
 
 
 @dataclass
@@ -141,11 +149,22 @@ class Selector(Protocol):
 
 @runtime_checkable
 class Loss(Protocol):
-    """Training objective on the response tokens of kept rollouts.
+    """Training objective on the response tokens of the step's training sequences.
 
     Called once per micro-batch with per-token log-probs [B, T] and the response mask [B, T]; returns
     this micro-batch's *share* of the global loss (already divided by the global ``num_sequences`` /
     ``num_tokens``), so gradients accumulated over micro-batches do not depend on their size.
+
+    Optional inputs: a loss that declares any of :data:`LOSS_INPUTS` as a keyword parameter of
+    ``__call__`` (or ``**inputs``) gets it — ``old_logprobs`` [B, T] (log π_old of each response token,
+    under the policy that generated it), ``rewards``, ``kept`` (bool), ``groups`` (the prompt's index in
+    the step), ``group_reward_mean`` and ``group_reward_std`` (over the valid rollouts of the
+    sequence's prompt), each [B]. A loss that declares none gets none: losses written before these
+    existed work unchanged.
+
+    Optional class attribute ``trains_on``: ``"kept"`` (the default: the selector's kept rollouts) or
+    ``"groups"`` (every valid rollout of each prompt the selector kept any rollout of, rejected ones
+    included, with ``kept`` telling them apart).
     """
 
     name: ClassVar[str]
@@ -218,6 +237,26 @@ def reads_rollouts(selector: Selector) -> bool:
     it then gets the rollouts grouped by prompt, ``rollouts[p][s]``. A Protocol cannot tell a
     parameter apart, so this one capability is read from the signature, here and nowhere else."""
     return "rollouts" in inspect.signature(selector.select).parameters
+
+
+LOSS_INPUTS = ("old_logprobs", "rewards", "kept", "groups", "group_reward_mean", "group_reward_std")
+
+
+def loss_inputs(loss: Loss) -> frozenset[str]:
+    """The optional inputs (:data:`LOSS_INPUTS`) a loss declares in its ``__call__`` signature."""
+    parameters = inspect.signature(loss.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return frozenset(LOSS_INPUTS)
+    return frozenset(name for name in LOSS_INPUTS if name in parameters)
+
+
+def trains_on(loss: Loss) -> Literal["kept", "groups"]:
+    """What a loss trains on: the kept rollouts (default), or whole groups, rejected rollouts included."""
+    value = getattr(loss, "trains_on", "kept")
+    if value not in ("kept", "groups"):
+        name = getattr(loss, "name", type(loss).__name__)
+        raise PluginError(f"loss {name!r}: trains_on must be 'kept' or 'groups', not {value!r}")
+    return value
 
 
 def is_remote(scorer: object) -> bool:

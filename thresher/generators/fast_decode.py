@@ -23,13 +23,21 @@ import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from thresher.core.model import CausalLM
 from thresher.core.types import FinishReason
 from thresher.generators.shared_prefix import SharedPrefix, shared_prefix_attention, supports_shared_prefix
+
+
+class Decoded(NamedTuple):
+    """One decoded response: its tokens, why it ended, and each token's log-probability."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[float]
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,10 @@ def decode(
     shared_prefill: bool = True,
     compaction: bool = True,
     shared_kv: bool = True,
-) -> list[tuple[list[int], FinishReason]]:
-    """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason)``.
+) -> list[Decoded]:
+    """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason, logprobs)``:
+    ``logprobs`` are each token's log-probability under the model's raw distribution (temperature 1,
+    nothing filtered or suppressed), the π_old of the importance-weighted losses.
 
     ``shared_kv`` (with ``shared_prefill``): the N samples of a prompt read one copy of its KV cache
     (:mod:`thresher.generators.shared_prefix`) where the model supports it, instead of N copies.
@@ -89,12 +99,14 @@ def decode(
 
     generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
     reasons: list[FinishReason] = ["length"] * rows
     active = torch.arange(rows, device=device)  # original row of each batch row
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids), device=device)
     with shared_prefix_attention(model) if prefix is not None else nullcontext():
         for _ in range(sampling.max_new_tokens):
+            normalizer = torch.logsumexp(logits, dim=-1)  # before suppression: the model's own distribution
             if suppress:
                 logits[:, suppress] = float("-inf")
             # Noise for every original row, so a row's draw never depends on which rows remain.
@@ -105,10 +117,13 @@ def decode(
                 gumbel = -torch.log(-torch.log(noise[active].clamp_min(1e-20)))
                 chosen = (filter_logits(logits, sampling) + gumbel).argmax(dim=-1)
             finished_now = torch.isin(chosen, eos)
+            # a suppressed token is never chosen, so its logit here is still the model's own
+            chosen_logprobs = (logits.gather(1, chosen[:, None])[:, 0] - normalizer).tolist()
             for batch_row, (row, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):
                 if done[row]:
                     continue  # a finished row kept in the batch (compaction off): its tokens are padding
                 responses[row].append(token)
+                logprobs[row].append(chosen_logprobs[batch_row])
                 if finished_now[batch_row]:
                     reasons[row], done[row] = "eos", True
                 elif stop_check is not None and stop_check(responses[row]):
@@ -130,7 +145,7 @@ def decode(
                 out = model(**inputs, attention_mask=mask)
             cache, logits = _cache_of(out), out.logits[:, -1, :].float()
             next_position = next_position + 1
-    return [(responses[row], reasons[row]) for row in range(rows)]
+    return [Decoded(responses[row], reasons[row], logprobs[row]) for row in range(rows)]
 
 
 def left_pad(sequences: list[tuple[int, ...]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from thresher.core.errors import ConfigError
 from thresher.core.training.memory import GenerationPlan, PlanItem
 from thresher.core.types import FinishReason, PluginContext, Prompt, Rollout
-from thresher.generators.fast_decode import Sampling, decode, left_pad
+from thresher.generators.fast_decode import Decoded, Sampling, decode, left_pad
 from thresher.generators.sampling import SamplingConfig, eos_token_ids, require_policy
 from thresher.generators.shared_prefix import SUPPORTED_MODEL_TYPES
 from thresher.generators.static_decode import (
@@ -239,13 +239,11 @@ class HFGenerator:
             self.merged = merged_weight_buffers(self.model)
         return self.merged
 
-    def _rollouts(
-        self, chunk: list[Prompt], first_group: int, n: int, results: list[tuple[list[int], FinishReason]]
-    ) -> list[Rollout]:
+    def _rollouts(self, chunk: list[Prompt], first_group: int, n: int, results: list[Decoded]) -> list[Rollout]:
         rollouts = []
-        for row, (ids, reason) in enumerate(results):
+        for row, (ids, reason, logprobs) in enumerate(results):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            rollouts.append(Rollout(chunk[row // n], first_group + row // n, row % n, ids, text, reason))
+            rollouts.append(Rollout(chunk[row // n], first_group + row // n, row % n, ids, text, reason, logprobs))
         return rollouts
 
     def _generate_chunk_hf(self, chunk: list[Prompt], first_group: int, n: int, greedy: bool) -> list[Rollout]:
@@ -259,13 +257,17 @@ class HFGenerator:
             tokenizer=self.tokenizer if self.config.stop else None,
             stopping_criteria=StoppingCriteriaList([StopWhenAsked(self.should_stop)]),
         )
-        responses = output[:, input_ids.shape[1] :].tolist()
+        generated = output.sequences[:, input_ids.shape[1] :]
+        # generate() hands back each step's raw logits (before suppression, temperature, top-k/p):
+        # the log-probability of the token it chose is the π_old importance-weighted losses need.
+        picked = [step.float().log_softmax(-1).gather(1, generated[:, i, None]) for i, step in enumerate(output.logits)]
+        logprobs = torch.cat(picked, dim=1).tolist()
         rollouts = []
-        for row, tokens in enumerate(responses):
+        for row, tokens in enumerate(generated.tolist()):
             ids, reason = self._trim(tokens)
             group, sample = first_group + row // n, row % n
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            rollouts.append(Rollout(chunk[row // n], group, sample, ids, text, reason))
+            rollouts.append(Rollout(chunk[row // n], group, sample, ids, text, reason, logprobs[row][: len(ids)]))
         return rollouts
 
     def _generation_config(self, greedy: bool) -> Any:
@@ -278,6 +280,8 @@ class HFGenerator:
             "pad_token_id": self.pad_id,
             "eos_token_id": sorted(self.eos_ids) or None,
             "stop_strings": self.config.stop or None,
+            "return_dict_in_generate": True,
+            "output_logits": True,
         }
         if self.config.ignore_eos:
             params["min_new_tokens"] = self.config.max_new_tokens  # generate() would fall back to the model's EOS

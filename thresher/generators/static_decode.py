@@ -39,8 +39,7 @@ from typing import Any
 import torch
 
 from thresher.core.model import CausalLM
-from thresher.core.types import FinishReason
-from thresher.generators.fast_decode import Sampling, filter_logits, left_pad
+from thresher.generators.fast_decode import Decoded, Sampling, filter_logits, left_pad
 from thresher.generators.shared_prefix import supports_shared_prefix
 
 MIN_BUCKET = 8
@@ -129,6 +128,7 @@ class StaticDecoder:
         self.suffix_v = [torch.zeros_like(t) for t in self.suffix_k]
         self.slots = torch.arange(shape.max_new_tokens, device=dev)
         self.tokens = torch.zeros((rows, shape.max_new_tokens), dtype=torch.long, device=dev)  # by original row
+        self.logprobs = torch.zeros((rows, shape.max_new_tokens), dtype=torch.float32, device=dev)  # of each token
         self.finished = torch.zeros(rows, dtype=torch.bool, device=dev)
         self.next_position = torch.zeros(rows, dtype=torch.long, device=dev)  # position of token slot 0
         self.active = torch.zeros(rows, dtype=torch.long, device=dev)  # original row of batch row i
@@ -174,6 +174,7 @@ class StaticDecoder:
         logits = self.model.get_output_embeddings()(inner.norm(hidden)).view(batch, -1).float()
         chosen = self._sample(logits, rows)
         self.tokens.index_put_((rows, t + 1), chosen)
+        self.logprobs.index_put_((rows, t + 1), _logprob_of(logits, chosen))
         self.finished.index_put_((rows,), self.finished.index_select(0, rows) | torch.isin(chosen, self.eos))
         self.step_index.add_(1)
 
@@ -248,8 +249,8 @@ class StaticDecoder:
         temperature: float,
         seed: int,
         stop_check: Callable[[list[int]], int | None] | None = None,
-    ) -> list[tuple[list[int], FinishReason]]:
-        """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason)``.
+    ) -> list[Decoded]:
+        """``len(prompts) * n`` responses (row ``p * n + s``), each ``(token_ids, finish_reason, logprobs)``.
 
         ``stop_check(tokens)`` returns the index of the token that completed a stop string, or None.
         """
@@ -263,7 +264,7 @@ class StaticDecoder:
 
     def _decode(
         self, prompts: list[tuple[int, ...]], temperature: float, stop_check: Callable[[list[int]], int | None] | None
-    ) -> list[tuple[list[int], FinishReason]]:
+    ) -> list[Decoded]:
         n, shape = self.shape.n, self.shape
         live = len(prompts) * n
         self.temperature.fill_(temperature)
@@ -305,6 +306,7 @@ class StaticDecoder:
         logits = out.logits[:, -1, :].float().repeat_interleave(n, 0)
         rows = torch.arange(len(lengths), device=self.device)
         self.tokens[: len(lengths), 0] = self._sample(logits, rows)
+        self.logprobs[: len(lengths), 0] = _logprob_of(logits, self.tokens[: len(lengths), 0])
         self.finished[: len(lengths)] = torch.isin(self.tokens[: len(lengths), 0], self.eos)
 
     def _synchronize(
@@ -391,27 +393,33 @@ class StaticDecoder:
 
     def _state(self) -> list[torch.Tensor]:
         """Every buffer a step writes."""
-        return [self.tokens, self.finished, self.step_index, *self.suffix_k, *self.suffix_v]
+        return [self.tokens, self.logprobs, self.finished, self.step_index, *self.suffix_k, *self.suffix_v]
 
     def _bucket(self, rows: int) -> int:
         if not self.compaction:
             return self.rows
         return min(b for b in buckets_for(self.rows) if b >= rows)
 
-    def _results(self, live: int, cut: dict[int, int]) -> list[tuple[list[int], FinishReason]]:
-        tokens = self.tokens[:live].tolist()
+    def _results(self, live: int, cut: dict[int, int]) -> list[Decoded]:
+        tokens, logprobs = self.tokens[:live].tolist(), self.logprobs[:live].tolist()
         eos = set(self.eos.tolist())
-        results: list[tuple[list[int], FinishReason]] = []
+        results: list[Decoded] = []
         for row, ids in enumerate(tokens):
             end = next((i for i, token in enumerate(ids) if token in eos), None)
             stop = cut.get(row)
             if stop is not None and (end is None or stop < end):
-                results.append((ids[: stop + 1], "stop"))
+                results.append(Decoded(ids[: stop + 1], "stop", logprobs[row][: stop + 1]))
             elif end is not None:
-                results.append((ids[: end + 1], "eos"))
+                results.append(Decoded(ids[: end + 1], "eos", logprobs[row][: end + 1]))
             else:
-                results.append((ids, "length"))
+                results.append(Decoded(ids, "length", logprobs[row]))
         return results
+
+
+def _logprob_of(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """log-probability of each chosen token under the raw logits (temperature 1, nothing suppressed):
+    the π_old that importance-weighted losses divide by."""
+    return logits.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def merged_weight_buffers(model: CausalLM) -> dict[Any, torch.Tensor]:

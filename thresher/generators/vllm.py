@@ -245,6 +245,9 @@ class VLLMGenerator:
             ignore_eos=cfg.ignore_eos,
             # Padding is never a meaningful output (the hf generator suppresses it the same way).
             logit_bias={self.tokenizer.pad_token_id: -100.0} if self.suppress_pad else None,
+            # The sampled token's log-probability, which vLLM takes from the raw logits (its default
+            # logprobs_mode, before logit bias, temperature and top-k/p): the losses' π_old.
+            logprobs=0,
         )
 
     def _rollouts(self, chunk: list[Prompt], first_group: int, outputs: list[Any]) -> list[Rollout]:
@@ -254,7 +257,8 @@ class VLLMGenerator:
                 ids = list(completion.token_ids)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 reason = _finish_reason(completion.finish_reason, completion.stop_reason)
-                rollouts.append(Rollout(prompt, first_group + offset, sample, ids, text, reason))
+                logprobs = _sampled_logprobs(ids, completion.logprobs)
+                rollouts.append(Rollout(prompt, first_group + offset, sample, ids, text, reason, logprobs))
         return rollouts
 
     # --- weights ------------------------------------------------------------------------------------
@@ -385,6 +389,13 @@ def _import_vllm() -> Any:
     except ImportError:
         raise ConfigError([INSTALL_HINT]) from None
     return vllm
+
+
+def _sampled_logprobs(ids: list[int], per_position: Any) -> list[float] | None:
+    """The log-probability of each sampled token, from vLLM's per-position ``{token: Logprob}``."""
+    if per_position is None or len(per_position) != len(ids):
+        return None  # the step recomputes them before its first update
+    return [float(position[token].logprob) for token, position in zip(ids, per_position, strict=True)]
 
 
 def _finish_reason(finish_reason: str | None, stop_reason: int | str | None) -> FinishReason:

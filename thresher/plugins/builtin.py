@@ -16,6 +16,8 @@ from thresher.loggers.mlflow import MlflowLogger
 from thresher.loggers.tensorboard import TensorBoardLogger
 from thresher.loggers.wandb import WandbLogger
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
+from thresher.losses.raft_pp import RaftPlusPlusLoss
+from thresher.losses.reinforce_rej import ReinforceRejLoss
 from thresher.scorers.combine import CombineScorer
 from thresher.scorers.local import LocalRewardModelScorer
 from thresher.scorers.rules import RuleScorer
@@ -55,6 +57,8 @@ def register_selectors(register: Register) -> None:
 @hookimpl(tryfirst=True)
 def register_losses(register: Register) -> None:
     register(MaskedMeanLogprobLoss)
+    register(RaftPlusPlusLoss)
+    register(ReinforceRejLoss)
 
 
 @hookimpl(tryfirst=True)

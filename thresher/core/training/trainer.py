@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from thresher.core.model import CausalLM
 from thresher.core.training.distributed import Distributed, clip_grad_norm
 from thresher.core.training.precision import MasterWeights, wants_master_weights
 from thresher.core.training.sharding import is_sharded
-from thresher.core.types import Loss
+from thresher.core.types import Loss, loss_inputs
 
 # Configs that change logits after the LM head; response-only projection would skip that step.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -42,10 +42,19 @@ class TrainingDiverged(ThresherError):
 
 @dataclass(frozen=True)
 class TrainSequence:
-    """One kept rollout as training data: the prompt's tokens and the response's tokens."""
+    """One rollout as training data: the prompt's tokens and the response's tokens, and what a loss
+    may ask for (see :class:`~thresher.core.types.Loss`): the response's log-probs under the policy
+    that generated it (None: recomputed before the step's first update), its reward, whether the
+    selector kept it, its group (prompt) and that group's reward mean and standard deviation."""
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
+    old_logprobs: tuple[float, ...] | None = None
+    reward: float = math.nan
+    kept: bool = True
+    group: int = 0
+    group_reward_mean: float = math.nan
+    group_reward_std: float = math.nan
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -65,13 +74,47 @@ def collate(sequences: list[TrainSequence], pad_id: int, device: torch.device) -
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 
+def loss_input_tensors(
+    sequences: list[TrainSequence], wanted: frozenset[str], width: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The optional loss inputs ``wanted`` (see :data:`~thresher.core.types.LOSS_INPUTS`) for a
+    micro-batch collated to ``width``: ``old_logprobs`` [B, width] at the response positions (zero
+    elsewhere, like the current log-probs), the rest one value per sequence [B]."""
+    out: dict[str, torch.Tensor] = {}
+    if "old_logprobs" in wanted:
+        old = torch.zeros((len(sequences), width), dtype=torch.float32)
+        for row, seq in enumerate(sequences):
+            if seq.old_logprobs is None or len(seq.old_logprobs) != len(seq.response_ids):
+                raise ValueError("a training sequence has no generation-time log-probs for its response")
+            start = len(seq.prompt_ids)
+            old[row, start : start + len(seq.response_ids)] = torch.tensor(seq.old_logprobs, dtype=torch.float32)
+        out["old_logprobs"] = old.to(device)
+    per_sequence = {
+        "rewards": ([s.reward for s in sequences], torch.float32),
+        "kept": ([s.kept for s in sequences], torch.bool),
+        "groups": ([s.group for s in sequences], torch.long),
+        "group_reward_mean": ([s.group_reward_mean for s in sequences], torch.float32),
+        "group_reward_std": ([s.group_reward_std for s in sequences], torch.float32),
+    }
+    for name, (values, dtype) in per_sequence.items():
+        if name in wanted:
+            out[name] = torch.tensor(values, dtype=dtype, device=device)
+    return out
+
+
 def response_logprobs(
-    model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    entropy_sink: list[float] | None = None,
 ) -> torch.Tensor:
     """log π(token_t | tokens_<t) at every response position (zero elsewhere), shape [B, L].
 
     The first token of a sequence cannot be a response token (nothing predicts it), so a response
-    mask must start at position 1 or later.
+    mask must start at position 1 or later. ``entropy_sink`` gets ``[sum, count]`` of the policy's
+    entropy over the response positions (no gradient): the figure whose collapse signals a policy
+    that stopped exploring.
     """
     if bool(response_mask[:, 0].any()):
         raise ValueError("a response token at position 0 has no context to be predicted from")
@@ -83,8 +126,21 @@ def response_logprobs(
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols - 1]
     picked = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    if entropy_sink is not None:
+        entropy_sink.extend([token_entropy_sum(logits.detach()), float(len(rows))])
     out = torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device)
     return out.index_put((rows, cols), picked)
+
+
+@torch.no_grad()
+def token_entropy_sum(logits: torch.Tensor, chunk: int = 128) -> float:
+    """Σ over rows of the entropy of softmax(row), in chunks of rows so the temporaries stay small."""
+    total = 0.0
+    for start in range(0, logits.shape[0], chunk):
+        part = logits[start : start + chunk].float()
+        logp = part.log_softmax(dim=-1)
+        total += float(-(logp.exp() * logp).sum())
+    return total
 
 
 def _can_project_selectively(model: CausalLM) -> bool:
@@ -187,11 +243,13 @@ class Trainer:
         self.params = self.master.params if self.master else [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_adamw(self.params, config)
         self.lr_multiplier = lr_multiplier(config, max_steps)  # see learning_rate
+        self.wanted = loss_inputs(loss_fn)  # the optional inputs the loss declares
         self.interrupt_check = interrupt_check
         self.on_micro_batch = on_micro_batch  # progress: called after each of this rank's micro-batches
         self.dist = dist or Distributed()
         self.nonfinite_in_a_row = 0
         self.loss_metrics: dict[str, list[float]] = {}
+        self.policy_metrics: dict[str, list[float]] = {}
         self.sharded = is_sharded(model)
 
     def reset_optimizer(self) -> None:
@@ -223,13 +281,16 @@ class Trainer:
         losses: list[float] = []
         norms: list[float] = []
         skipped, tokens, all_tokens = 0, 0, 0
-        self.loss_metrics = {}
+        self.loss_metrics, self.policy_metrics = {}, {}
+        missing = sum(s.old_logprobs is None for s in sequences) if "old_logprobs" in self.wanted else 0
+        if missing:
+            sequences = self._with_old_logprobs(sequences)
         for epoch in range(self.config.epochs_per_step):
             for batch in self._optimizer_batches(sequences, step, epoch):
                 # An interrupt abandons the step only while the weights are still those of the last
                 # step; once an update is applied, the step finishes so a checkpoint can describe it.
                 first = not losses and not skipped
-                loss, grad_norm, batch_tokens = self._update(batch, abandonable=abandonable and first)
+                loss, grad_norm, batch_tokens = self._update(batch, abandonable=abandonable and first, first=first)
                 tokens += batch_tokens
                 all_tokens += sum(len(s) for s in batch)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -256,8 +317,28 @@ class Trainer:
             "train_sequence_tokens": all_tokens,
             "time_train": elapsed,
             "tokens_per_s_train": tokens / elapsed if elapsed > 0 else 0.0,
+            "old_logprobs_recomputed": missing,
+            **self._policy_metrics(),
             **self._loss_metrics(),
         }
+
+    @torch.no_grad()
+    def _with_old_logprobs(self, sequences: list[TrainSequence]) -> list[TrainSequence]:
+        """Sequences from a generator that records no log-probs get them from the policy now, before
+        the step's first update: the policy that generated them. Every rank computes all of them in
+        the same micro-batches (FSDP needs the same forwards on every rank)."""
+        missing = [i for i, s in enumerate(sequences) if s.old_logprobs is None]
+        out = list(sequences)
+        micro = self.config.micro_batch_size
+        for start in range(0, len(missing), micro):
+            chunk = [sequences[i] for i in missing[start : start + micro]]
+            input_ids, attention_mask, response_mask = collate(chunk, self.pad_id, self.device)
+            logprobs = response_logprobs(self.model, input_ids, attention_mask, response_mask).cpu()
+            for row, index in enumerate(missing[start : start + micro]):
+                seq, begin = chunk[row], len(chunk[row].prompt_ids)
+                values = tuple(logprobs[row, begin : begin + len(seq.response_ids)].tolist())
+                out[index] = replace(seq, old_logprobs=values)
+        return out
 
     def micro_batch_count(self, num_sequences: int) -> int:
         """How many micro-batches this rank runs for a step of ``num_sequences`` (a progress total)."""
@@ -268,11 +349,36 @@ class Trainer:
         return per_epoch * self.config.epochs_per_step
 
     def _loss_metrics(self) -> dict[str, float]:
-        """The loss plugin's metrics, averaged over every micro-batch of the step (on all ranks)."""
-        parts = self.dist.gather(self.loss_metrics)
+        """The loss plugin's metrics over every micro-batch of the step (on all ranks): a name ending
+        in ``_max`` takes the largest value, ``_min`` the smallest, ``_count`` the sum over one pass
+        of the step's sequences (the sum over epochs / ``epochs_per_step``), any other the mean."""
+        values = self._gathered(self.loss_metrics)
+        out = {f"loss_{key}": combine_metric(key, v) for key, v in values.items() if v}
+        for key in out:
+            if key.endswith("_count"):
+                out[key] /= self.config.epochs_per_step
+        return out
+
+    def _policy_metrics(self) -> dict[str, float]:
+        """The policy's mean entropy on the trained tokens, and the largest and mean gap between the
+        log-probs recorded at generation and the training pass's, before the step's first update."""
+        values = {
+            key: sum(v) if not key.endswith("_max") else max(v)
+            for key, v in self._gathered(self.policy_metrics).items()
+            if v
+        }
+        out: dict[str, float] = {}
+        if values.get("entropy_tokens"):
+            out["policy_entropy"] = values["entropy_sum"] / values["entropy_tokens"]
+        if values.get("gap_tokens"):
+            out["generation_logprob_gap_mean"] = values["gap_sum"] / values["gap_tokens"]
+            out["generation_logprob_gap_max"] = values["gap_max"]
+        return out
+
+    def _gathered(self, sink: dict[str, list[float]]) -> dict[str, list[float]]:
+        parts = self.dist.gather(sink)
         keys = sorted({key for part in parts for key in part})
-        values = {key: [v for part in parts for v in part.get(key, [])] for key in keys}
-        return {f"loss_{key}": sum(v) / len(v) for key, v in values.items() if v}
+        return {key: [v for part in parts for v in part.get(key, [])] for key in keys}
 
     def _zero_grad(self) -> None:
         # The model's own (16-bit) gradients too: an error mid-backward can leave some behind.
@@ -289,7 +395,7 @@ class Trainer:
         shuffled = [sequences[i] for i in order]
         return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
 
-    def _update(self, batch: list[TrainSequence], abandonable: bool) -> tuple[float, float, int]:
+    def _update(self, batch: list[TrainSequence], abandonable: bool, first: bool = False) -> tuple[float, float, int]:
         """Accumulate the whole batch's gradient over micro-batches, then clip and step once.
 
         A non-finite loss or gradient skips the step: the weights and AdamW's moments stay as they were.
@@ -321,6 +427,8 @@ class Trainer:
                 filler=filler,
                 metrics_sink=self.loss_metrics,
                 on_micro_batch=self.on_micro_batch,
+                policy_sink=self.policy_metrics,
+                measure_gap=first,
             )
         except BaseException:
             self._zero_grad()
@@ -343,6 +451,18 @@ class Trainer:
         return total, grad_norm, sum(len(s.response_ids) for s in batch)
 
 
+def combine_metric(name: str, values: list[float]) -> float:
+    """One step's figure from per-micro-batch values: max for ``*_max``, min for ``*_min``, sum for
+    ``*_count``, mean otherwise."""
+    if name.endswith("_max"):
+        return max(values)
+    if name.endswith("_min"):
+        return min(values)
+    if name.endswith("_count"):
+        return sum(values)
+    return sum(values) / len(values)
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
     loss_fn: Loss,
@@ -357,9 +477,13 @@ def accumulate_gradients(
     filler: TrainSequence | None = None,
     metrics_sink: dict[str, list[float]] | None = None,
     on_micro_batch: Callable[[], None] | None = None,
+    policy_sink: dict[str, list[float]] | None = None,
+    measure_gap: bool = False,
 ) -> float:
     """Backpropagate the loss of ``batch`` in micro-batches; returns the batch's loss. The loss
-    plugin's own metrics of each micro-batch are appended to ``metrics_sink``.
+    plugin's own metrics of each micro-batch are appended to ``metrics_sink``; the policy's entropy
+    on the trained tokens to ``policy_sink`` (and, with ``measure_gap``, before any update of the
+    step, how far the generation-time log-probs are from the training pass's).
 
     Every micro-batch is normalized by the counts of the *whole* batch, so the accumulated
     gradient equals the full-batch gradient for any ``micro_batch_size``. ``min_passes`` pads the
@@ -370,19 +494,32 @@ def accumulate_gradients(
     num_tokens = num_tokens if num_tokens is not None else sum(len(s.response_ids) for s in batch)
     # Length-sorted micro-batches waste less padding; the sum of their losses does not depend on order.
     ordered = sorted(batch, key=len, reverse=True)
+    wanted = loss_inputs(loss_fn)
     total = 0.0
     for i in range(0, len(ordered), micro_batch_size):
         if interrupt_check is not None:
             interrupt_check()
-        input_ids, attention_mask, response_mask = collate(ordered[i : i + micro_batch_size], pad_id, device)
-        token_logprobs = response_logprobs(model, input_ids, attention_mask, response_mask)
-        result = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens)
+        micro = ordered[i : i + micro_batch_size]
+        input_ids, attention_mask, response_mask = collate(micro, pad_id, device)
+        entropy: list[float] | None = [] if policy_sink is not None else None
+        token_logprobs = response_logprobs(model, input_ids, attention_mask, response_mask, entropy)
+        inputs = loss_input_tensors(micro, wanted, input_ids.shape[1], device)
+        result = loss_fn(token_logprobs, response_mask, num_sequences=num_sequences, num_tokens=num_tokens, **inputs)
         loss, metrics = check_loss_result(result, loss_fn)
         loss.backward()
         total += float(loss.detach())
         if metrics_sink is not None:
             for key, value in metrics.items():
                 metrics_sink.setdefault(key, []).append(float(value))
+        if policy_sink is not None and entropy:
+            policy_sink.setdefault("entropy_sum", []).append(entropy[0])
+            policy_sink.setdefault("entropy_tokens", []).append(entropy[1])
+            if measure_gap and all(s.old_logprobs is not None for s in micro):
+                old = loss_input_tensors(micro, frozenset({"old_logprobs"}), input_ids.shape[1], device)
+                gap = (token_logprobs.detach() - old["old_logprobs"])[response_mask].abs()
+                policy_sink.setdefault("gap_sum", []).append(float(gap.sum()))
+                policy_sink.setdefault("gap_max", []).append(float(gap.max()) if gap.numel() else 0.0)
+                policy_sink.setdefault("gap_tokens", []).append(float(gap.numel()))
         if on_micro_batch is not None:
             on_micro_batch()
     for _ in range(min_passes - -(-len(ordered) // micro_batch_size)):
