@@ -29,7 +29,8 @@ What each kind must do is its protocol (:class:`Generator`, :class:`Scorer`, :cl
 :class:`Loss`, :class:`Logger`); what a plugin may additionally do, the engine asks by these optional
 protocols: :class:`GeneratesInChunks`, :class:`ReportsMetrics`, :class:`PlansMemory`, :class:`LogsRollouts`
 (and ``remote = True`` on a
-scorer, see :func:`is_remote`). Thresher checks what every plugin returns and reports a mistake in
+scorer, see :func:`is_remote`; a loss's optional inputs, :data:`LOSS_INPUTS`, and ``trains_on``, see
+:func:`loss_inputs` and :func:`trains_on`). Thresher checks what every plugin returns and reports a mistake in
 one line that names the plugin.
 """
 
@@ -50,6 +51,7 @@ from thresher.core.hookspecs import Register, hookimpl
 from thresher.core.registry import register, unregister
 from thresher.core.training.memory import GenerationPlan, PlanItem
 from thresher.core.types import (
+    LOSS_INPUTS,
     FinishReason,
     GeneratesInChunks,
     Generator,
@@ -65,9 +67,12 @@ from thresher.core.types import (
     Scorer,
     Selector,
     is_remote,
+    loss_inputs,
+    trains_on,
 )
 
 __all__ = [
+    "LOSS_INPUTS",
     "ConfigError",
     "DataError",
     "FinishReason",
@@ -98,7 +103,9 @@ __all__ = [
     "build_nested",
     "hookimpl",
     "is_remote",
+    "loss_inputs",
     "register",
+    "trains_on",
     "unregister",
     "user_errors",
 ]
