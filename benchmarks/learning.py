@@ -159,13 +159,20 @@ def train_thresher(job: dict[str, Any]) -> dict[str, Any]:
         history = run.train()
         steps = run.config.rs.max_steps
     final = [r for r in json_lines(Path(job["out"]) / "metrics.jsonl") if r.get("kind") == "validation"]
+    entropy = [r["policy_entropy"] for r in history if r.get("policy_entropy") is not None]
     return {
         "final": str(Path(job["out"]) / "final"),
         "train_s": time.perf_counter() - started,
         "steps": steps,
         "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in history)),
         "own_final_val_reward_greedy": final[-1].get("val_reward_greedy") if final else None,
+        **first_and_last(entropy),
     }
+
+
+def first_and_last(entropy: list[float]) -> dict[str, float]:
+    """The policy's entropy at the first and the last step (its fall is the collapse to watch)."""
+    return {"entropy_first": entropy[0], "entropy_last": entropy[-1]} if entropy else {}
 
 
 def train_trl(job: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +245,15 @@ def train_trl(job: dict[str, Any]) -> dict[str, Any]:
     train_s = time.perf_counter() - started
     trainer.save_model(str(out / "final"))
     tokenizer.save_pretrained(str(out / "final"))
-    return {"final": str(out / "final"), "train_s": train_s, "steps": rs.max_steps, "generated_tokens": sum(generated)}
+    # TRL's entropy is over every completion token of the step (Thresher's: over the trained ones)
+    entropy = [float(log["entropy"]) for log in trainer.state.log_history if "entropy" in log]
+    return {
+        "final": str(out / "final"),
+        "train_s": train_s,
+        "steps": rs.max_steps,
+        "generated_tokens": sum(generated),
+        **first_and_last(entropy),
+    }
 
 
 def evaluate(job: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +293,8 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     levels = sorted({k.removeprefix("greedy_") for r in results for k in r if k.startswith("greedy_")})
-    columns = ["wall_s", "s_per_step", "generated_tokens", "peak_rss_mb", "greedy", "sampled"]
+    columns = ["wall_s", "s_per_step", "generated_tokens", "peak_rss_mb", "entropy_first", "entropy_last", "greedy",
+               "sampled"]  # fmt: skip
     columns += [f"greedy_{level}" for level in levels if level != "all"]
     print("| trainer | seeds | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))

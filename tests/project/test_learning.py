@@ -98,6 +98,7 @@ def test_the_learning_benchmark_runs_end_to_end_and_its_evaluator_agrees_with_th
         assert r["greedy"] == pytest.approx(sum(greedy) / len(greedy))
         if r["trainer"] != "base":
             assert r["generated_tokens"] > 0 and r["peak_rss_mb"] > 0 and r["wall_s"] > 0
+            assert 0 < r["entropy_last"] < 20 and 0 < r["entropy_first"] < 20  # nats per token, vocabulary ~50k
     for r in results:
         if r["trainer"] in ("thresher", "random", "lr_high"):
             assert r["greedy"] > 0

@@ -151,7 +151,18 @@ class HFGenerator:
         prompt = run.prompt_tokens
         cached = prompts * prompt + rows * new if shared else rows * (prompt + new)
         how = "each prompt's KV once" if shared else "the prompt's KV repeated per sample"
+        recorded = []
+        if config.decode == "generate":  # generate() hands back every step's logits (for the log-probs)
+            recorded = [
+                PlanItem(
+                    "generate()'s logits",
+                    4 * rows * new * shape.vocab,
+                    f"{rows} rows × {new} tokens × {shape.vocab} vocabulary, fp32, to record each token's log-prob",
+                    "generator.decode=fast (records them without keeping the logits)",
+                )
+            ]
         return [
+            *recorded,
             PlanItem(
                 "generation KV cache",
                 per_token * cached,
