@@ -24,15 +24,8 @@ STEPS = 5
 
 def make_config(tmp: Path, name: str, **rs) -> Path:
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "thresher" / "presets" / "tiny.yaml").read_text())
-    config["rs"].update(
-        max_steps=STEPS,
-        prompts_per_step=4,
-        num_rollouts_per_prompt=4,
-        val_max_prompts=2,
-        save_every=1,
-        keep_last=2,
-        **rs,
-    )
+    defaults = {"max_steps": STEPS, "prompts_per_step": 4, "num_rollouts_per_prompt": 4, "val_max_prompts": 2}
+    config["rs"].update({**defaults, "save_every": 1, "keep_last": 2, **rs})
     config["output"]["dir"] = str(tmp / name)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

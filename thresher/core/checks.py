@@ -53,11 +53,14 @@ def call_selector(
     selector: Selector, rewards: torch.Tensor, valid: torch.Tensor, rollouts: list[Rollout] | None, name: str
 ) -> torch.Tensor:
     """The selector's mask, checked: a bool-like tensor of the rewards' shape [P, N]. Selectors that
-    declare a ``rollouts`` parameter get the rollouts too, grouped by prompt ([P][N])."""
+    declare a ``rollouts`` parameter get the rollouts too, grouped by prompt (``[P][s]``: a prompt
+    sampled until accepted may have fewer than N, its missing cells invalid)."""
     kwargs: dict[str, Any] = {}
     if rollouts is not None and reads_rollouts(selector):
-        n = rewards.shape[1]
-        kwargs["rollouts"] = [rollouts[i : i + n] for i in range(0, len(rollouts), n)]
+        grouped: list[list[Rollout]] = [[] for _ in range(rewards.shape[0])]
+        for r in rollouts:  # by prompt, in sample order (prompts sampled until accepted have fewer)
+            grouped[r.group].append(r)
+        kwargs["rollouts"] = grouped
     mask = selector.select(rewards, valid, **kwargs)
     if not isinstance(mask, torch.Tensor):
         raise PluginError(

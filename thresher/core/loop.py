@@ -147,7 +147,7 @@ def produce(session: Session, out: Path, *, limit: int | None = None, write_all:
             batch = prompts[start : start + per_batch]
             label = f"prompts {start + 1}-{start + len(batch)}/{len(prompts)}"
             scored = sampler.sample(batch, batch_number, label, write_rollouts)
-            rewards, kept = scored.rewards.flatten().tolist(), scored.kept.flatten().tolist()
+            rewards, kept = scored.per_rollout(scored.rewards).tolist(), scored.per_rollout(scored.kept).tolist()
             parts = {name: values.tolist() for name, values in scored.parts.items()}
             for i, (r, reward, keep) in enumerate(zip(scored.rollouts, rewards, kept, strict=True)):
                 if keep or write_all:

@@ -31,6 +31,7 @@ from thresher.core.training.distributed import Distributed
 from thresher.core.types import GeneratesInChunks, Prompt, ReportsMetrics, Rollout, is_remote
 
 RANK_SEED_STRIDE = 104_729  # each rank samples its shard with its own seed
+ROUND_SEED_STRIDE = 7_919  # and each round of rs.sampling.mode: until_accepted its own (round 1: the step's)
 
 # (rollouts, a call that returns their reward results, step_metrics)
 Generated = tuple[list[Rollout], Callable[[], list[Any]], dict[str, float]]
@@ -54,10 +55,12 @@ class RolloutWriter:
     loggers: RunLoggers | NoLoggers
 
     def __call__(self, step: int, scored: ScoredStep) -> None:
-        rewards, kept = scored.rewards.flatten().tolist(), scored.kept.flatten().tolist()
+        rewards, kept = scored.per_rollout(scored.rewards).tolist(), scored.per_rollout(scored.kept).tolist()
         parts = {name: values.tolist() for name, values in scored.parts.items()}
+        pass_rates = prompt_reward_means(scored)
         rows = [
             rollout_record(r, rewards[i], kept[i], {name: values[i] for name, values in parts.items()})
+            | {"prompt_reward_mean": pass_rates[r.group]}
             for i, r in enumerate(scored.rollouts)
         ]
         self._write(step, rows)
@@ -91,17 +94,36 @@ class Sampler:
         return sampling_seed(self.config.rs.seed, step, self.dist.rank)
 
     def sample(self, prompts: list[Prompt], step: int, label: str, write_rollouts: RolloutWriter) -> ScoredStep:
-        """N responses per prompt (this rank's shard), scored, gathered and selected. Rollouts whose
-        scoring failed are written (``write_rollouts``) before the error propagates: nothing
+        """N responses per prompt (this rank's shard), scored, gathered and selected — or, with
+        ``rs.sampling.mode: until_accepted``, rounds of them until each prompt has enough kept. Rollouts
+        whose scoring failed are written (``write_rollouts``) before the error propagates: nothing
         generated is lost."""
+        if self.config.rs.sampling.mode == "until_accepted":
+            return self._sample_until_accepted(prompts, step, label, write_rollouts)
         n = self.config.rs.num_rollouts_per_prompt
+        rollouts, flat, parts, step_metrics = self._round(prompts, n, step, label, self.seed(step), write_rollouts)
+        return self.select(rollouts, flat.view(len(prompts), n), step, step_metrics, write_rollouts, parts)
+
+    def _round(
+        self, prompts: list[Prompt], n: int, step: int, label: str, seed: int, write_rollouts: RolloutWriter
+    ) -> tuple[list[Rollout], torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """``n`` responses for each of ``prompts``: this rank generates and scores its shard, then every
+        rank gets all of them (``group`` = the prompt's position in ``prompts``)."""
         generator = self.plugins.generator
         low, high = self.dist.shard_bounds(len(prompts))
         # A chunked generator's progress is countable: this rank's responses, as chunks come out.
         total = (high - low) * n if isinstance(generator, GeneratesInChunks) else None
         self.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses", total=total)
+        scorer = self.plugins.scorer
+        if low == high:  # more ranks than prompts left in this round: nothing to generate here
+            step_metrics: dict[str, Any] = {"time_generate": 0.0, "time_score": 0.0}
+            if isinstance(scorer, ReportsMetrics):  # the other ranks gather theirs: take part
+                combined = over_ranks(self.dist.gather(scorer.metrics()))
+                step_metrics.update({f"scorer_{k}": v for k, v in combined.items()})
+            rollouts, flat, parts = self._gather([], torch.zeros(0), {}, low)
+            return rollouts, flat, parts, step_metrics
         generate = self._generate_and_score_overlapped if self.overlap_scoring() else self._generate_then_score
-        rollouts, scores, step_metrics = generate(prompts[low:high], n, step, label)
+        rollouts, scores, step_metrics = generate(prompts[low:high], n, step, label, seed)
         try:
             flat, parts = as_scored(scores(), len(rollouts), self.config.scorer.type)
         except ScoringInterrupted:
@@ -111,12 +133,44 @@ class Sampler:
             write_rollouts.unscored(step, rollouts)
             raise
         step_metrics["time_score"] = time.perf_counter() - step_metrics.pop("_scoring_from")
-        scorer = self.plugins.scorer
         if isinstance(scorer, ReportsMetrics):  # each rank scored its share: combine their numbers
             combined = over_ranks(self.dist.gather(scorer.metrics()))
             step_metrics.update({f"scorer_{k}": v for k, v in combined.items()})
         rollouts, flat, parts = self._gather(rollouts, flat, parts, low)
-        return self.select(rollouts, flat.view(len(prompts), n), step, step_metrics, write_rollouts, parts)
+        return rollouts, flat, parts, step_metrics
+
+    def _sample_until_accepted(
+        self, prompts: list[Prompt], step: int, label: str, write_rollouts: RolloutWriter
+    ) -> ScoredStep:
+        """Rounds of ``round_size`` responses per prompt still open; after each round the selector sees
+        everything sampled so far, and a prompt with ``min_accepted`` kept (or ``max_rollouts``
+        sampled) leaves. Every rank sees every round's rollouts, so all agree on who leaves."""
+        rs = self.config.rs
+        size, most, wanted = rs.round_size(), rs.max_rollouts(), rs.sampling.min_accepted
+        grid = RaggedGroups(len(prompts))
+        open_prompts = list(range(len(prompts)))
+        totals: dict[str, Any] = {"time_generate": 0.0, "time_score": 0.0}
+        rounds = 0
+        scored: ScoredStep | None = None
+        while open_prompts:
+            take = min(size, most - grid.count(open_prompts[0]))
+            seed = self.seed(step) + ROUND_SEED_STRIDE * rounds
+            round_label = f"{label} round {rounds + 1}"
+            batch = [prompts[p] for p in open_prompts]
+            rollouts, flat, parts, metrics = self._round(batch, take, step, round_label, seed, write_rollouts)
+            for key, value in metrics.items():  # times and counts add up over rounds; rates: the last round's
+                adds = key.startswith("time_") or (isinstance(value, int) and not isinstance(value, bool))
+                totals[key] = totals.get(key, 0) + value if adds else value
+            grid.add([open_prompts[r.group] for r in rollouts], rollouts, flat, parts)
+            rounds += 1
+            rewards, present = grid.rewards()
+            scored = self.select(grid.rollouts(), rewards, step, totals, write_rollouts, grid.parts(), present)
+            kept = scored.kept.sum(dim=1)
+            open_prompts = [p for p in open_prompts if kept[p] < wanted and grid.count(p) < most]
+        assert scored is not None  # at least one round: prompts_per_step >= 1
+        accepted = int((scored.kept.sum(dim=1) >= wanted).sum())
+        scored.step_metrics.update(sampling_rounds=rounds, prompts_accepted=accepted)
+        return scored
 
     def select(
         self,
@@ -126,16 +180,21 @@ class Sampler:
         step_metrics: dict[str, Any],
         write_rollouts: RolloutWriter,
         parts: dict[str, torch.Tensor] | None = None,
+        present: torch.Tensor | None = None,
     ) -> ScoredStep:
         """Drop non-finite rewards (or stop), mark duplicates, and ask the selector for its mask (on
-        rewards normalised within each prompt, with ``selector.normalize``; records keep the raw ones)."""
+        rewards normalised within each prompt, with ``selector.normalize``; records keep the raw ones).
+        ``present`` [P, W]: the cells that hold a rollout (ragged groups); the others are invalid."""
         parts = parts or {}
         selector_options = self.config.selector.selector_options()
-        valid = torch.isfinite(rewards)
-        if not bool(valid.all()) and self.config.rs.on_nonfinite_reward == "error":
-            write_rollouts(step, ScoredStep(rollouts, rewards, valid, torch.zeros_like(valid), parts=parts))
+        cells = present if present is not None else torch.ones(rewards.shape, dtype=torch.bool)
+        valid = torch.isfinite(rewards) & cells
+        bad = int((cells & ~valid).sum())
+        if bad and self.config.rs.on_nonfinite_reward == "error":
+            unselected = torch.zeros_like(valid)
+            write_rollouts(step, ScoredStep(rollouts, rewards, valid, unselected, parts=parts, present=present))
             raise ScorerError(
-                f"scorer returned {int((~valid).sum())} non-finite reward(s) at step {step} (rollouts saved; NaN, "
+                f"scorer returned {bad} non-finite reward(s) at step {step} (rollouts saved; NaN, "
                 "infinite, or beyond float32's ±3.4e38; set rs.on_nonfinite_reward=drop to skip such responses)"
             )
         dedup = selector_options.dedup
@@ -152,7 +211,7 @@ class Sampler:
         step_metrics["generated_tokens"] = tokens
         seconds = step_metrics["time_generate"]
         step_metrics["tokens_per_s_generate"] = tokens / seconds if seconds > 0 else 0.0
-        return ScoredStep(rollouts, rewards, valid, kept, step_metrics, parts)
+        return ScoredStep(rollouts, rewards, valid, kept, step_metrics, parts, present)
 
     def overlap_scoring(self) -> bool:
         setting = self.config.rs.overlap_scoring
@@ -162,16 +221,16 @@ class Sampler:
             return is_remote(self.plugins.scorer)
         return bool(setting)
 
-    def _generate_then_score(self, prompts: list[Prompt], n: int, step: int, label: str) -> Generated:
+    def _generate_then_score(self, prompts: list[Prompt], n: int, step: int, label: str, seed: int) -> Generated:
         t0 = time.perf_counter()
         generator = self.plugins.generator
         if isinstance(generator, GeneratesInChunks):  # the same rollouts as generate(), counted
             rollouts: list[Rollout] = []
-            for chunk in generator.generate_chunks(prompts, n, seed=self.seed(step)):
+            for chunk in generator.generate_chunks(prompts, n, seed=seed):
                 rollouts.extend(chunk)
                 self.reporter.advance(len(chunk))
         else:
-            rollouts = generator.generate(prompts, n, seed=self.seed(step))
+            rollouts = generator.generate(prompts, n, seed=seed)
         step_metrics = {"time_generate": time.perf_counter() - t0}
         self._after_generation(rollouts, len(prompts), n, step)
         self.reporter.phase(f"{label}: scoring {len(rollouts)} responses")
@@ -179,7 +238,9 @@ class Sampler:
         scorer = self.plugins.scorer
         return rollouts, lambda: [scorer.score(rollouts)], step_metrics
 
-    def _generate_and_score_overlapped(self, prompts: list[Prompt], n: int, step: int, label: str) -> Generated:
+    def _generate_and_score_overlapped(
+        self, prompts: list[Prompt], n: int, step: int, label: str, seed: int
+    ) -> Generated:
         """Score each generated chunk on a worker thread while the next chunk is generated.
 
         ``time_score`` then counts only the scoring left after generation ends (what the step waits
@@ -201,7 +262,7 @@ class Sampler:
         futures: list[tuple[int, Future[Any]]] = []
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thresher-score")
         try:
-            for chunk in generator.generate_chunks(prompts, n, seed=self.seed(step)):
+            for chunk in generator.generate_chunks(prompts, n, seed=seed):
                 rollouts.extend(chunk)
                 self.reporter.advance(len(chunk))
                 if not self.interrupts.requested:
@@ -245,8 +306,55 @@ class Sampler:
         for r in rollouts:
             r.group += offset
         shards = self.dist.gather((rollouts, rewards, parts))
-        merged = {name: torch.cat([shard[2][name] for shard in shards]) for name in parts}
+        names = next((list(shard[2]) for shard in shards if shard[2]), [])  # a rank with no prompts has none
+        merged = {name: torch.cat([shard[2][name] for shard in shards if shard[0]]) for name in names}
         return [r for shard in shards for r in shard[0]], torch.cat([shard[1] for shard in shards]), merged
+
+
+class RaggedGroups:
+    """A step's rollouts as they come in rounds: each prompt's own list, and the [P, W] grid a
+    selector reads (W = the most any prompt has; a shorter prompt's missing cells are NaN)."""
+
+    def __init__(self, prompts: int):
+        self.by_prompt: list[list[tuple[Rollout, float, dict[str, float]]]] = [[] for _ in range(prompts)]
+
+    def count(self, prompt: int) -> int:
+        return len(self.by_prompt[prompt])
+
+    def add(
+        self, positions: list[int], rollouts: list[Rollout], rewards: torch.Tensor, parts: dict[str, torch.Tensor]
+    ) -> None:
+        """A round's rollouts; ``positions[i]``: the prompt (position in the step) of rollout i."""
+        values = rewards.tolist()
+        for i, (prompt, r) in enumerate(zip(positions, rollouts, strict=True)):
+            r.group, r.sample = prompt, self.count(prompt)
+            self.by_prompt[prompt].append((r, values[i], {name: float(v[i]) for name, v in parts.items()}))
+
+    def rollouts(self) -> list[Rollout]:
+        return [r for rows in self.by_prompt for r, _, _ in rows]
+
+    def rewards(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [P, W] (NaN where a prompt has fewer) and the cells that hold a rollout."""
+        width = max(len(rows) for rows in self.by_prompt)
+        rewards = torch.full((len(self.by_prompt), width), float("nan"))
+        present = torch.zeros((len(self.by_prompt), width), dtype=torch.bool)
+        for p, rows in enumerate(self.by_prompt):
+            rewards[p, : len(rows)] = torch.tensor([reward for _, reward, _ in rows], dtype=torch.float32)
+            present[p, : len(rows)] = True
+        return rewards, present
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        rows = [parts for prompt_rows in self.by_prompt for _, _, parts in prompt_rows]
+        names = list(rows[0]) if rows else []
+        return {name: torch.tensor([row[name] for row in rows], dtype=torch.float32) for name in names}
+
+
+def prompt_reward_means(scored: ScoredStep) -> list[float | None]:
+    """Each prompt's mean reward over its valid rollouts (its pass rate when rewards are 0/1)."""
+    valid = scored.valid
+    counts = valid.sum(dim=1)
+    sums = torch.where(valid, scored.rewards, torch.zeros_like(scored.rewards)).sum(dim=1)
+    return [float(s) / int(c) if int(c) else None for s, c in zip(sums, counts, strict=True)]
 
 
 def over_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

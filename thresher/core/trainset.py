@@ -39,17 +39,17 @@ class KeptThisStep:
         kept, valid, rewards = scored.kept, scored.valid, scored.rewards
         trained = (valid & kept.any(dim=1, keepdim=True)) if self.whole_groups else kept
         mean, std = group_statistics(rewards, valid)
-        n = rewards.shape[1]
+        at = scored.rollout_index()  # ragged groups: a cell's rollout is not at p * N + s
         sequences = []
-        for index in trained.flatten().nonzero().flatten().tolist():
-            group, r = index // n, scored.rollouts[index]
+        for group, sample in trained.nonzero().tolist():
+            r = scored.rollouts[int(at[group, sample])]
             sequences.append(
                 TrainSequence(
                     r.prompt.token_ids,
                     tuple(r.response_ids),
                     old_logprobs=tuple(r.logprobs) if r.logprobs is not None else None,
-                    reward=float(rewards[group, index % n]),
-                    kept=bool(kept[group, index % n]),
+                    reward=float(rewards[group, sample]),
+                    kept=bool(kept[group, sample]),
                     group=group,
                     group_reward_mean=float(mean[group]),
                     group_reward_std=float(std[group]),

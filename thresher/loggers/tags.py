@@ -15,6 +15,10 @@ SELECTION = frozenset(
     {"prompts", "rollouts", "kept", "accept_rate", "prompts_without_kept", "prompts_without_kept_fraction",
      "nonfinite_rewards", "duplicates_not_selectable"}
 )  # fmt: skip
+COST = frozenset(
+    {"kept_tokens", "generated_tokens_per_kept_token", "rollouts_per_kept", "sampling_rounds",
+     "prompts_accepted"}
+)  # fmt: skip
 GENERATION_PREFIXES = ("response_len", "finished_", "generated_tokens", "generator_", "prompts_")
 
 
@@ -24,6 +28,8 @@ def metric_tag(key: str, kind: str) -> str:
         return f"validation/{key.removeprefix('val_')}"
     if key.startswith(("reward", "scorer_")):
         return f"reward/{_without(key, 'reward')}"
+    if key in COST:
+        return f"cost/{key}"
     if key in SELECTION or key.startswith("selector_"):
         return f"selection/{key}"
     if "distinct" in key:

@@ -123,6 +123,27 @@ class DataConfig(Section):
     )
 
 
+class RolloutSampling(Section):
+    """How many responses each prompt gets in a step (``rs.sampling``)."""
+
+    mode: Literal["fixed", "until_accepted"] = Field(
+        "fixed",
+        description="fixed: rs.num_rollouts_per_prompt for every prompt. until_accepted: rounds of round_size "
+        "per prompt; a prompt leaves once the selector keeps min_accepted of its rollouts, the others go on up "
+        "to max_rollouts.",
+    )
+    min_accepted: int = Field(1, ge=1, description="until_accepted: kept rollouts after which a prompt stops.")
+    round_size: int | None = Field(
+        None,
+        ge=1,
+        description="until_accepted: rollouts per prompt per round (None: half of rs.num_rollouts_per_prompt, at "
+        "least 1); at most rs.num_rollouts_per_prompt, which the memory plan sizes a round by.",
+    )
+    max_rollouts: int | None = Field(
+        None, ge=1, description="until_accepted: rollouts at most per prompt (None: rs.num_rollouts_per_prompt)."
+    )
+
+
 class RSConfig(Section):
     max_steps: int = Field(10, ge=1, description="Global steps (generate → score → select → train).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts taken per global step.")
@@ -153,6 +174,33 @@ class RSConfig(Section):
     on_nonfinite_reward: Literal["error", "drop"] = Field(
         "error", description="A NaN/inf reward stops the run, or its rollout is dropped (counted in metrics)."
     )
+    sampling: RolloutSampling = Field(
+        default_factory=RolloutSampling, description="Responses per prompt: a fixed N, or until accepted."
+    )
+
+    @model_validator(mode="after")
+    def _rounds_fit(self) -> RSConfig:
+        if self.sampling.mode != "until_accepted":
+            return self
+        size, most = self.round_size(), self.max_rollouts()
+        if size > self.num_rollouts_per_prompt:
+            raise ValueError(
+                f"rs.sampling.round_size ({size}) must be at most rs.num_rollouts_per_prompt "
+                f"({self.num_rollouts_per_prompt}): the memory plan sizes a round by it"
+            )
+        if size > most:
+            raise ValueError(f"rs.sampling.round_size ({size}) must be at most rs.sampling.max_rollouts ({most})")
+        return self
+
+    def round_size(self) -> int:
+        """Rollouts per prompt per round (``until_accepted``)."""
+        return self.sampling.round_size or max(1, self.num_rollouts_per_prompt // 2)
+
+    def max_rollouts(self) -> int:
+        """Rollouts at most per prompt in a step: N with ``fixed``, ``max_rollouts`` sampled until accepted."""
+        if self.sampling.mode == "fixed":
+            return self.num_rollouts_per_prompt
+        return self.sampling.max_rollouts or self.num_rollouts_per_prompt
 
 
 class OptimConfig(Section):

@@ -15,7 +15,13 @@ from thresher.core.types import Rollout
 
 @dataclass
 class ScoredStep:
-    """A step's rollouts with their rewards [P, N], validity and the selector's decision."""
+    """A step's rollouts with their rewards [P, W], validity and the selector's decision.
+
+    With a fixed N every prompt has W = N rollouts. Sampled until accepted, prompts have different
+    counts (ragged groups): ``present`` [P, W] marks the cells that hold a rollout, the others have
+    a NaN reward and are never valid. ``rollouts`` lists the present cells row by row (prompt by
+    prompt, then sample), and ``parts`` holds one value per rollout in that order.
+    """
 
     rollouts: list[Rollout]
     rewards: torch.Tensor
@@ -23,10 +29,26 @@ class ScoredStep:
     kept: torch.Tensor
     # what sampling measured for the step's metrics record: phase times, token counts, plugin metrics
     step_metrics: dict[str, Any] = field(default_factory=dict)
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # a combined scorer's parts, flat
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # a combined scorer's parts, per rollout
+    present: torch.Tensor | None = None  # [P, W]; None: every cell holds a rollout
+
+    def cells(self) -> torch.Tensor:
+        """[P, W] bool: the cells that hold a rollout."""
+        return self.present if self.present is not None else torch.ones_like(self.valid, dtype=torch.bool)
+
+    def per_rollout(self, grid: torch.Tensor) -> torch.Tensor:
+        """A [P, W] tensor's values at the present cells, in ``rollouts`` order."""
+        return grid[self.cells()]
+
+    def rollout_index(self) -> torch.Tensor:
+        """[P, W] long: the position in ``rollouts`` of each cell's rollout (-1 where none)."""
+        cells = self.cells()
+        index = torch.full(cells.shape, -1, dtype=torch.long)
+        index[cells] = torch.arange(int(cells.sum()))
+        return index
 
     def kept_rollouts(self) -> list[Rollout]:
-        flat = self.kept.flatten().tolist()
+        flat = self.per_rollout(self.kept).tolist()
         return [r for r, keep in zip(self.rollouts, flat, strict=True) if keep]
 
 
@@ -59,13 +81,13 @@ def step_statistics(scored: ScoredStep) -> dict[str, Any]:
     finite = rewards[valid]
     kept_rewards = rewards[kept]
     lengths = torch.tensor([len(r.response_ids) for r in scored.rollouts], dtype=torch.float)
-    kept_lengths = lengths[kept.flatten()]
+    kept_lengths = lengths[scored.per_rollout(kept)]
     reasons = [r.finish_reason for r in scored.rollouts]
     return {
         "prompts": rewards.shape[0],
         "rollouts": len(scored.rollouts),
         "kept": int(kept.sum()),
-        "accept_rate": float(kept.float().mean()),
+        "accept_rate": float(scored.per_rollout(kept).float().mean()),
         "prompts_without_kept": int((~kept.any(dim=1)).sum()),
         "nonfinite_rewards": int((~valid).sum()),
         "reward_mean": _stat(finite, "mean"),
@@ -83,13 +105,25 @@ def step_statistics(scored: ScoredStep) -> dict[str, Any]:
         "finished_stop": reasons.count("stop") / len(reasons),
         "finished_length": reasons.count("length") / len(reasons),
         **part_statistics(scored),
+        **cost_statistics(scored, lengths, kept_lengths),
+    }
+
+
+def cost_statistics(scored: ScoredStep, lengths: torch.Tensor, kept_lengths: torch.Tensor) -> dict[str, Any]:
+    """What the step's kept data cost to sample: generated tokens (and rollouts) per kept one."""
+    generated, kept = float(lengths.sum()), float(kept_lengths.sum())
+    count = int(scored.kept.sum())
+    return {
+        "kept_tokens": int(kept),
+        "generated_tokens_per_kept_token": generated / kept if kept else float("nan"),
+        "rollouts_per_kept": len(scored.rollouts) / count if count else float("nan"),
     }
 
 
 def part_statistics(scored: ScoredStep) -> dict[str, float]:
     """Each part's mean over all and kept responses, and the correlation of every pair of parts."""
     out: dict[str, float] = {}
-    kept = scored.kept.flatten()
+    kept = scored.per_rollout(scored.kept)
     for name, values in scored.parts.items():
         finite = torch.isfinite(values)
         out[f"reward_part_{name}_mean"] = _stat(values[finite], "mean")
