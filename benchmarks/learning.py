@@ -61,6 +61,12 @@ def main() -> None:
     parser.add_argument("--max-val", type=int, help="Evaluate on the first N held-out prompts only.")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "learning")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V", help="Override for every trainer.")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Keep the trained models and evaluations already in --out (from an interrupted or earlier run of "
+        "the same command) instead of running them again.",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -75,15 +81,19 @@ def main() -> None:
         for seed in range(args.seed, args.seed + args.seeds):
             out = args.out / f"{name}_s{seed}"
             job = {**shared, "role": "train", "trainer": name, "overrides": overrides, "seed": seed, "out": str(out)}
-            print(f"training {name} (seed {seed}) ...", flush=True)
-            summary = run_child(job)
+            summary = reused(out, args.reuse, f"{name} (seed {seed})")
+            if summary is None:
+                print(f"training {name} (seed {seed}) ...", flush=True)
+                summary = run_child(job)
             summary.update(trainer=name, seed=seed)
             results.append(summary)
             models.append((name, seed, summary["final"]))
     for name, seed, final in models:
-        print(f"evaluating {name}" + (f" (seed {seed})" if final else " (the untrained policy)"), flush=True)
         job = {**shared, "role": "eval", "model": final, "out": str(args.out / f"eval_{name}_s{seed}.jsonl")}
-        scores = run_child(job)
+        scores = reused(Path(job["out"]), args.reuse, f"the evaluation of {name} (seed {seed})")
+        if scores is None:
+            print(f"evaluating {name}" + (f" (seed {seed})" if final else " (the untrained policy)"), flush=True)
+            scores = run_child(job)
         if final is None:
             results.append({"trainer": "base", "seed": 0, **scores})
         else:
@@ -106,6 +116,19 @@ def parse_trainers(names: str, custom: list[str]) -> list[tuple[str, list[str]]]
     return trainers
 
 
+def reused(out: Path, reuse: bool, what: str) -> dict[str, Any] | None:
+    """With ``--reuse``, the summary an earlier run left for this training or evaluation (a training's
+    only with its final model)."""
+    summary_path = out.with_suffix(".summary.json")
+    if not reuse or not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if "final" in summary and not Path(summary["final"]).exists():
+        return None
+    print(f"reusing {what}: {summary_path}", flush=True)
+    return summary
+
+
 def run_child(job: dict[str, Any]) -> dict[str, Any]:
     """One trainer or the evaluator in a fresh process; its own wall-clock and peak RSS measured."""
     started = time.perf_counter()
@@ -114,9 +137,11 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{job['role']} {job.get('trainer', '')} failed (exit {process.returncode})")
-    result = json.loads(Path(job["out"]).with_suffix(".summary.json").read_text())
+    summary_path = Path(job["out"]).with_suffix(".summary.json")
+    result = json.loads(summary_path.read_text())
     if job["role"] == "train":
         result.update(wall_s=time.perf_counter() - started, peak_rss_mb=usage.ru_maxrss / 1024)
+        summary_path.write_text(json.dumps(result))  # what --reuse finds again
     return result
 
 

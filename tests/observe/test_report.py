@@ -92,7 +92,8 @@ def test_the_figures_data_are_the_metrics_of_every_run(runs, tmp_path):
     csvs = sorted(folder.glob("*.csv"))
     names = {p.stem for p in csvs}
     assert names == {"reward", "accept_rate", "prompts_without_kept", "validation", "response_length",
-                     "distinct_2", "loss", "entropy", "time_per_phase", "tokens_per_s"}  # fmt: skip
+                     "distinct_2", "cost", "prompt_pass_rate", "loss", "entropy", "time_per_phase",
+                     "tokens_per_s"}  # fmt: skip
     assert names == {p.stem for p in folder.glob("*.png")}
     for path in csvs:
         check_csv_equals_metrics(path, {"topk": runs["topk"], "random": runs["random"]})

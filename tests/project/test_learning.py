@@ -105,3 +105,9 @@ def test_the_learning_benchmark_runs_end_to_end_and_its_evaluator_agrees_with_th
             assert r["greedy"] == pytest.approx(r["own_final_val_reward_greedy"], abs=1e-6)
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| trainer | seeds | wall_s") and len(table) == 1 + len(results)  # one seed each
+    if not with_trl:  # --reuse: an interrupted benchmark goes on from what it finished; here, everything
+        again = subprocess.run([*command, "--reuse"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "training" not in again.stdout and "evaluating" not in again.stdout
+        assert again.stdout.count("reusing") == 2 * 3 + 1  # 3 trainings, their evaluations, the base's
+        assert json.loads((tmp_path / "bench" / "results.json").read_text()) == results

@@ -28,7 +28,7 @@ def metric_tag(key: str, kind: str) -> str:
         return f"validation/{key.removeprefix('val_')}"
     if key.startswith(("reward", "scorer_")):
         return f"reward/{_without(key, 'reward')}"
-    if key in COST:
+    if key in COST or key.startswith("prompt_reward_mean_"):
         return f"cost/{key}"
     if key in SELECTION or key.startswith("selector_"):
         return f"selection/{key}"

@@ -113,10 +113,18 @@ def cost_statistics(scored: ScoredStep, lengths: torch.Tensor, kept_lengths: tor
     """What the step's kept data cost to sample: generated tokens (and rollouts) per kept one."""
     generated, kept = float(lengths.sum()), float(kept_lengths.sum())
     count = int(scored.kept.sum())
+    valid = scored.valid
+    counts = valid.sum(dim=1)
+    sums = torch.where(valid, scored.rewards, torch.zeros_like(scored.rewards)).sum(dim=1)
+    means = (sums / counts.clamp(min=1))[counts > 0]  # each prompt's mean reward: its pass rate for 0/1 rewards
+    quartiles = means.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist() if means.numel() else [float("nan")] * 3
     return {
         "kept_tokens": int(kept),
         "generated_tokens_per_kept_token": generated / kept if kept else float("nan"),
         "rollouts_per_kept": len(scored.rollouts) / count if count else float("nan"),
+        "prompt_reward_mean_q25": quartiles[0],
+        "prompt_reward_mean_q50": quartiles[1],
+        "prompt_reward_mean_q75": quartiles[2],
     }
 
 
