@@ -290,3 +290,15 @@ def test_a_loss_needing_this_steps_groups_is_refused_with_a_pool(tiny_config, wr
     assert result.exit_code != 0
     assert "loss.type: 'reinforce_rej' needs every rollout of a group" in result.output
     assert "rs.pool_best" in result.output and "Traceback" not in result.output
+
+
+def test_a_loss_declaring_an_unknown_training_set_is_named_in_one_line():
+    from thresher.core.errors import PluginError
+    from thresher.core.types import trains_on
+
+    class Everything(OldStyleLoss):
+        trains_on = "everything"
+
+    with pytest.raises(PluginError, match=r"loss 'old_style': trains_on must be 'kept' or 'groups', not 'everything'"):
+        trains_on(Everything())
+    assert trains_on(OldStyleLoss()) == "kept" and trains_on(ReinforceRejLoss) == "groups"

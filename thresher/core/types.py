@@ -242,21 +242,24 @@ def reads_rollouts(selector: Selector) -> bool:
 LOSS_INPUTS = ("old_logprobs", "rewards", "kept", "groups", "group_reward_mean", "group_reward_std")
 
 
-def loss_inputs(loss: Loss) -> frozenset[str]:
-    """The optional inputs (:data:`LOSS_INPUTS`) a loss declares in its ``__call__`` signature."""
+def loss_inputs(loss: Loss | type[Any]) -> frozenset[str]:
+    """The optional inputs (:data:`LOSS_INPUTS`) a loss (or its class) declares in its ``__call__``."""
     parameters = inspect.signature(loss.__call__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return frozenset(LOSS_INPUTS)
     return frozenset(name for name in LOSS_INPUTS if name in parameters)
 
 
-def trains_on(loss: Loss) -> Literal["kept", "groups"]:
-    """What a loss trains on: the kept rollouts (default), or whole groups, rejected rollouts included."""
+def trains_on(loss: Loss | type[Any]) -> Literal["kept", "groups"]:
+    """What a loss (or its class) trains on: the kept rollouts (default), or whole groups, rejected
+    rollouts included."""
     value = getattr(loss, "trains_on", "kept")
-    if value not in ("kept", "groups"):
+    if value == "groups":
+        return "groups"
+    if value != "kept":
         name = getattr(loss, "name", type(loss).__name__)
         raise PluginError(f"loss {name!r}: trains_on must be 'kept' or 'groups', not {value!r}")
-    return value
+    return "kept"
 
 
 def is_remote(scorer: object) -> bool:
