@@ -14,6 +14,26 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
+
+from thresher.core.config import Section
+from thresher.core.types import PluginContext
+
+
+class ClippedLossConfig(Section):
+    """The options the clipped losses share."""
+
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clip the importance ratio to [1 − ε, 1 + ε].")
+    normalize: Literal["sequence", "token"] = Field(
+        "sequence", description="Average per sequence then over sequences, or over all tokens."
+    )
+
+
+class ConfiguredLoss:
+    """Built as every plugin is, ``cls(config, context)``; a loss needs only its config."""
+
+    def __init__(self, config: ClippedLossConfig, context: PluginContext | None = None):
+        self.config = config
 
 
 def clipped_surrogate(

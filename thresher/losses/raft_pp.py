@@ -19,28 +19,19 @@ Example config section::
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from pydantic import Field
 
-from thresher.core.config import Section
-from thresher.core.types import PluginContext
-from thresher.losses.clipped import clipped_surrogate, reduce_objective
+from thresher.losses.clipped import ClippedLossConfig, ConfiguredLoss, clipped_surrogate, reduce_objective
 
 
-class RaftPlusPlusLoss:
+class RaftPlusPlusLoss(ConfiguredLoss):
     name: ClassVar[str] = "raft_pp"
     trains_on: ClassVar[str] = "kept"
 
-    class Config(Section):
-        epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clip the importance ratio to [1 − ε, 1 + ε].")
-        normalize: Literal["sequence", "token"] = Field(
-            "sequence", description="Average per sequence then over sequences, or over all tokens."
-        )
-
-    def __init__(self, config: Config, context: PluginContext | None = None):
-        self.config = config
+    class Config(ClippedLossConfig):
+        pass
 
     def __call__(
         self,

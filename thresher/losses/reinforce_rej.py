@@ -27,26 +27,19 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from thresher.core.config import Section
-from thresher.core.types import PluginContext
-from thresher.losses.clipped import clipped_surrogate, reduce_objective
+from thresher.losses.clipped import ClippedLossConfig, ConfiguredLoss, clipped_surrogate, reduce_objective
 
 
-class ReinforceRejLoss:
+class ReinforceRejLoss(ConfiguredLoss):
     name: ClassVar[str] = "reinforce_rej"
     trains_on: ClassVar[str] = "groups"
 
-    class Config(Section):
-        epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clip the importance ratio to [1 − ε, 1 + ε].")
+    class Config(ClippedLossConfig):
         scale: Literal["none", "std"] = Field(
             "none", description="Advantage = reward − group mean ('none'), or that divided by the group's std ('std')."
         )
-        normalize: Literal["sequence", "token"] = Field(
-            "sequence", description="Average per sequence then over sequences, or over all tokens."
-        )
 
-    def __init__(self, config: Config, context: PluginContext | None = None):
-        self.config = config
+    config: Config
 
     def __call__(
         self,
