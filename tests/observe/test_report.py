@@ -117,7 +117,7 @@ def test_the_pngs_are_real_distinct_pictures(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert not list(tmp_path.glob("*.html"))  # --png alone writes no HTML
     pngs = sorted((tmp_path / "figs").glob("*.png"))
-    assert len(pngs) == 9
+    assert len(pngs) == 12
     seen = set()
     for path in pngs:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -145,7 +145,7 @@ def test_the_html_references_only_files_that_exist(runs, tmp_path):
         assert (out.parent / unquote(ref)).is_file(), ref
     images = {unquote(r) for r in references if r.endswith(".png")}
     assert images == {f"my report_files/{p.name}" for p in (out.parent / "my report_files").glob("*.png")}
-    assert len(images) == 9
+    assert len(images) == 12
 
 
 def test_a_run_without_optional_series_leaves_them_out(runs, tmp_path):
