@@ -24,7 +24,7 @@ from thresher.core.interrupt import Interrupts
 from thresher.core.normalize import normalize_within_prompts
 from thresher.core.run.directory import RunDir
 from thresher.core.run.loggers import NoLoggers, RunLoggers
-from thresher.core.run.records import ScoredStep, rollout_record
+from thresher.core.run.records import ScoredStep, group_means, rollout_record
 from thresher.core.selection import duplicate_mask
 from thresher.core.session import Plugins, Session
 from thresher.core.training.distributed import Distributed
@@ -114,12 +114,8 @@ class Sampler:
         # A chunked generator's progress is countable: this rank's responses, as chunks come out.
         total = (high - low) * n if isinstance(generator, GeneratesInChunks) else None
         self.reporter.phase(f"{label}: generating {len(prompts)}×{n} responses", total=total)
-        scorer = self.plugins.scorer
         if low == high:  # more ranks than prompts left in this round: nothing to generate here
-            step_metrics: dict[str, Any] = {"time_generate": 0.0, "time_score": 0.0}
-            if isinstance(scorer, ReportsMetrics):  # the other ranks gather theirs: take part
-                combined = over_ranks(self.dist.gather(scorer.metrics()))
-                step_metrics.update({f"scorer_{k}": v for k, v in combined.items()})
+            step_metrics: dict[str, Any] = {"time_generate": 0.0, "time_score": 0.0, **self._scorer_metrics()}
             rollouts, flat, parts = self._gather([], torch.zeros(0), {}, low)
             return rollouts, flat, parts, step_metrics
         generate = self._generate_and_score_overlapped if self.overlap_scoring() else self._generate_then_score
@@ -133,11 +129,18 @@ class Sampler:
             write_rollouts.unscored(step, rollouts)
             raise
         step_metrics["time_score"] = time.perf_counter() - step_metrics.pop("_scoring_from")
-        if isinstance(scorer, ReportsMetrics):  # each rank scored its share: combine their numbers
-            combined = over_ranks(self.dist.gather(scorer.metrics()))
-            step_metrics.update({f"scorer_{k}": v for k, v in combined.items()})
+        step_metrics.update(self._scorer_metrics())
         rollouts, flat, parts = self._gather(rollouts, flat, parts, low)
         return rollouts, flat, parts, step_metrics
+
+    def _scorer_metrics(self) -> dict[str, Any]:
+        """The scorer's numbers, combined over ranks (each scored its share; every rank takes part in
+        the gather, one that scored nothing this round too)."""
+        scorer = self.plugins.scorer
+        if not isinstance(scorer, ReportsMetrics):
+            return {}
+        combined = over_ranks(self.dist.gather(scorer.metrics()))
+        return {f"scorer_{k}": v for k, v in combined.items()}
 
     def _sample_until_accepted(
         self, prompts: list[Prompt], step: int, label: str, write_rollouts: RolloutWriter
@@ -351,10 +354,8 @@ class RaggedGroups:
 
 def prompt_reward_means(scored: ScoredStep) -> list[float | None]:
     """Each prompt's mean reward over its valid rollouts (its pass rate when rewards are 0/1)."""
-    valid = scored.valid
-    counts = valid.sum(dim=1)
-    sums = torch.where(valid, scored.rewards, torch.zeros_like(scored.rewards)).sum(dim=1)
-    return [float(s) / int(c) if int(c) else None for s, c in zip(sums, counts, strict=True)]
+    mean, counts = group_means(scored.rewards, scored.valid)
+    return [float(m) if int(c) else None for m, c in zip(mean, counts, strict=True)]
 
 
 def over_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from thresher.core.config import RSConfig
-from thresher.core.run.records import ScoredStep
+from thresher.core.run.records import ScoredStep, group_means
 from thresher.core.selection import BestPool
 from thresher.core.training.trainer import TrainSequence
 from thresher.core.types import Prompt
@@ -69,10 +69,9 @@ class KeptThisStep:
 def group_statistics(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prompt's mean reward and sample standard deviation (as GRPO's) over its valid rollouts;
     the deviation is 0 for a prompt with fewer than two (nothing to compare)."""
-    counts = valid.sum(dim=1)
-    values = torch.where(valid, rewards, torch.zeros_like(rewards)).double()
-    mean = values.sum(dim=1) / counts.clamp(min=1)
-    squares = torch.where(valid, (rewards.double() - mean[:, None]) ** 2, torch.zeros_like(values)).sum(dim=1)
+    mean, counts = group_means(rewards, valid)
+    deviations = (rewards.double() - mean[:, None]) ** 2
+    squares = torch.where(valid, deviations, torch.zeros_like(deviations)).sum(dim=1)
     std = (squares / (counts - 1).clamp(min=1)).sqrt()
     return mean.float(), torch.where(counts > 1, std, torch.zeros_like(std)).float()
 

@@ -113,11 +113,10 @@ def cost_statistics(scored: ScoredStep, lengths: torch.Tensor, kept_lengths: tor
     """What the step's kept data cost to sample: generated tokens (and rollouts) per kept one."""
     generated, kept = float(lengths.sum()), float(kept_lengths.sum())
     count = int(scored.kept.sum())
-    valid = scored.valid
-    counts = valid.sum(dim=1)
-    sums = torch.where(valid, scored.rewards, torch.zeros_like(scored.rewards)).sum(dim=1)
-    means = (sums / counts.clamp(min=1))[counts > 0]  # each prompt's mean reward: its pass rate for 0/1 rewards
-    quartiles = means.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist() if means.numel() else [float("nan")] * 3
+    mean, counts = group_means(scored.rewards, scored.valid)
+    means = mean[counts > 0]  # each prompt's mean reward: its pass rate for 0/1 rewards
+    quarters = torch.tensor([0.25, 0.5, 0.75], dtype=means.dtype)
+    quartiles = means.quantile(quarters).tolist() if means.numel() else [float("nan")] * 3
     return {
         "kept_tokens": int(kept),
         "generated_tokens_per_kept_token": generated / kept if kept else float("nan"),
@@ -126,6 +125,14 @@ def cost_statistics(scored: ScoredStep, lengths: torch.Tensor, kept_lengths: tor
         "prompt_reward_mean_q50": quartiles[1],
         "prompt_reward_mean_q75": quartiles[2],
     }
+
+
+def group_means(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's mean reward over its valid rollouts (0 where it has none; float64) and how many
+    valid rollouts it has."""
+    counts = valid.sum(dim=1)
+    sums = torch.where(valid, rewards.double(), torch.zeros_like(rewards, dtype=torch.float64)).sum(dim=1)
+    return sums / counts.clamp(min=1), counts
 
 
 def part_statistics(scored: ScoredStep) -> dict[str, float]:
