@@ -261,6 +261,7 @@ def train_trl(job: dict[str, Any]) -> dict[str, Any]:
         report_to=[],
         use_cpu=True,
         bf16=False,
+        gradient_checkpointing=False,  # TRL's default recomputes activations; Thresher's CPU runs keep them
         dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
