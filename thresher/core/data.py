@@ -8,13 +8,14 @@ and reaches the scorer (a reference answer, a test case). Rows come from :mod:`t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from thresher.core.datasource import read_rows, resolve_data_path
 from thresher.core.errors import DataError
+from thresher.core.pool import PromptPool, visits_of
 from thresher.core.types import Prompt
 
 # The roles of the OpenAI chat format that chat templates render. A template given any other role
@@ -160,7 +161,9 @@ class PromptStream:
     """Hands out training prompts in seeded epochs; its position is two integers, so resuming exact.
 
     Epoch ``e`` visits the prompts in the permutation seeded by ``(seed, e)``; a batch that crosses
-    an epoch boundary continues into the next epoch's order.
+    an epoch boundary continues into the next epoch's order. With a prompt ``pool``
+    (``rs.prompt_pool``) the stream passes over the prompts that rest, counting them in ``skipped``;
+    when every prompt rests for good, it hands out what it found (possibly nothing) and is ``dry``.
     """
 
     prompts: list[Prompt]
@@ -168,6 +171,9 @@ class PromptStream:
     shuffle: bool = True
     epoch: int = 0
     position: int = 0
+    pool: PromptPool | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # the last batch's passed-over prompts, by reason
+    dry: bool = False
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -176,6 +182,8 @@ class PromptStream:
         return torch.randperm(len(self.prompts), generator=generator).tolist()
 
     def next_batch(self, size: int) -> list[Prompt]:
+        if self.pool is not None:
+            return self._next_from_pool(size, self.pool)
         batch: list[Prompt] = []
         order = self._order(self.epoch)
         while len(batch) < size:
@@ -187,11 +195,56 @@ class PromptStream:
             self.position += take
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "consumed": self.consumed}
+    def _next_from_pool(self, size: int, pool: PromptPool) -> list[Prompt]:
+        """The next ``size`` prompts that do not rest. An epoch with none left to visit ends; when
+        no resting prompt will ever come back, the batch is what was found and the stream is dry."""
+        batch: list[Prompt] = []
+        self.skipped = {"solved": 0, "hopeless": 0}
+        order = self._order(self.epoch)
+        found_this_epoch = self.position > 0  # the epoch began in an earlier batch: assume it found some
+        while len(batch) < size:
+            if self.position == len(order):
+                if not found_this_epoch and pool.all_resting():
+                    due = pool.next_revisit_epoch()
+                    if due is None:
+                        self.dry = True
+                        break
+                    self.epoch = max(self.epoch + 1, due)  # nothing to visit before then
+                else:
+                    self.epoch += 1
+                self.position, found_this_epoch = 0, False
+                order = self._order(self.epoch)
+                continue
+            index = order[self.position]
+            self.position += 1
+            why = pool.resting(index, self.epoch)
+            if why is not None:
+                self.skipped[why] += 1
+                continue
+            pool.visiting(index, self.epoch)
+            batch.append(self.prompts[index])
+            found_this_epoch = True
+        return batch
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def record(self, prompts: list[Prompt], rewards: torch.Tensor, valid: torch.Tensor, kept: torch.Tensor) -> None:
+        """Book a step's outcome for each of its prompts in the pool (nothing without one)."""
+        if self.pool is None:
+            return
+        for prompt, visit in zip(prompts, visits_of(rewards, valid, kept), strict=True):
+            self.pool.record(prompt.index, visit)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.position, "consumed": self.consumed}
+        if self.pool is not None:
+            state["pool"] = self.pool.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.pool is not None:
+            if "pool" not in state:
+                raise ValueError("the checkpoint has no prompt pool state (rs.prompt_pool was added after it)")
+            self.pool.load_state_dict(state["pool"])
 
     @property
     def consumed(self) -> int:

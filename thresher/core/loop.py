@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from thresher.core.data import PromptStream
 from thresher.core.errors import EarlyStop, OutputError
 from thresher.core.interrupt import StopRequested
 from thresher.core.run.loggers import NoLoggers, RunLoggers, open_loggers
@@ -28,6 +29,7 @@ from thresher.core.run.saving import Saver
 from thresher.core.sampling import RolloutWriter, Sampler
 from thresher.core.session import Session
 from thresher.core.training.memory import peak_memory
+from thresher.core.types import Prompt
 from thresher.core.update import Updater
 from thresher.core.validation import Validator
 
@@ -79,11 +81,17 @@ def global_step(session: Session, step: int, loggers: RunLoggers | NoLoggers) ->
     try:
         session.interrupts.check(f"before step {step}")
         prompts = stream.next_batch(session.config.rs.prompts_per_step)
+        if not prompts:  # the prompt pool is dry: every prompt rests, none is due back
+            stream.load_state_dict(position)
+            raise EarlyStop(step - 1, POOL_DRY)
+        budgets = allocate(session, prompts)
         write_rollouts = RolloutWriter(session.run_dir, session.dist, loggers)
-        scored = Sampler.of(session).sample(prompts, step, _step_label(session, step), write_rollouts)
+        scored = Sampler.of(session).sample(prompts, step, _step_label(session, step), write_rollouts, budgets)
         write_rollouts(step, scored)
+        stream.record(prompts, scored.rewards, scored.valid, scored.kept)
         record = {"kind": "train", "step": step, **step_statistics(scored)}
         record.update(prompts_consumed=stream.consumed, prompts_skipped_too_long=session.inputs.skipped_long_prompts)
+        record.update(pool_statistics(stream, budgets))
         sequences = session.trainset.sequences(step, prompts, scored, record)
         if sequences:
             micro_batches = session.trainer.micro_batch_count(len(sequences))
@@ -101,6 +109,32 @@ def global_step(session: Session, step: int, loggers: RunLoggers | NoLoggers) ->
     record.update(memory_peak_mb=peak_memory(session.device) / 2**20, memory_planned_peak_mb=peak_planned / 2**20)
     loggers.write(record)
     session.progress.step_done(record)
+    return record
+
+
+POOL_DRY = (
+    "every training prompt rests as solved or hopeless and none is due back (rs.prompt_pool; set revisit_every "
+    "to visit them again)"
+)
+
+
+def allocate(session: Session, prompts: list[Prompt]) -> list[int] | None:
+    """Each prompt's responses this step with ``rs.prompt_pool.allocate: by_pass_rate`` (None: N each)."""
+    rs, pool = session.config.rs, session.stream.pool
+    if pool is None or pool.config.allocate != "by_pass_rate":
+        return None
+    budget = len(prompts) * rs.max_rollouts()
+    return pool.allocate([p.index for p in prompts], budget, pool.config.min_rollouts, rs.pool_max_rollouts())
+
+
+def pool_statistics(stream: PromptStream, budgets: list[int] | None) -> dict[str, Any]:
+    """What the prompt pool did this step: prompts passed over, prompts resting, the budget's spread."""
+    if stream.pool is None:
+        return {}
+    record: dict[str, Any] = {f"prompts_skipped_{why}": count for why, count in stream.skipped.items()}
+    record.update(stream.pool.metrics())
+    if budgets is not None:
+        record.update(rollouts_allocated_min=min(budgets), rollouts_allocated_max=max(budgets))
     return record
 
 

@@ -31,6 +31,7 @@ from thresher.core.data import PromptStream, load_prompts
 from thresher.core.errors import ConfigError
 from thresher.core.interrupt import Interrupts
 from thresher.core.model import DTYPES, load_model_config, load_policy, load_tokenizer, resolve_device
+from thresher.core.pool import PromptPool
 from thresher.core.registry import Registry, build_registry
 from thresher.core.run.directory import RunDir
 from thresher.core.run.loggers import NoLoggers, RunLoggers, open_loggers
@@ -253,6 +254,7 @@ class Run:
             dist=self.dist,
             on_micro_batch=self.reporter.advance,
         )
+        pool = PromptPool(cfg.rs.prompt_pool, len(inputs.train_prompts)) if cfg.rs.prompt_pool else None
         self._session = Session(
             config=cfg,
             registry=self.registry,
@@ -264,7 +266,7 @@ class Run:
             inputs=inputs,
             policy=policy,
             plugins=plugins,
-            stream=PromptStream(inputs.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle),
+            stream=PromptStream(inputs.train_prompts, seed=cfg.rs.seed, shuffle=cfg.data.shuffle, pool=pool),
             trainer=trainer,
             trainset=training_set_for(cfg.rs, whole_groups=trains_on(plugins.loss) == "groups"),
             guardrails=Guardrails(cfg.guardrails),

@@ -32,6 +32,7 @@ from thresher.core.types import GeneratesInChunks, Prompt, ReportsMetrics, Rollo
 
 RANK_SEED_STRIDE = 104_729  # each rank samples its shard with its own seed
 ROUND_SEED_STRIDE = 7_919  # and each round of rs.sampling.mode: until_accepted its own (round 1: the step's)
+CALL_SEED_STRIDE = 3_571  # and, in a round, each call for the prompts that need fewer (call 1: the round's)
 
 # (rollouts, a call that returns their reward results, step_metrics)
 Generated = tuple[list[Rollout], Callable[[], list[Any]], dict[str, float]]
@@ -93,14 +94,30 @@ class Sampler:
     def seed(self, step: int) -> int:
         return sampling_seed(self.config.rs.seed, step, self.dist.rank)
 
-    def sample(self, prompts: list[Prompt], step: int, label: str, write_rollouts: RolloutWriter) -> ScoredStep:
+    def sample(
+        self,
+        prompts: list[Prompt],
+        step: int,
+        label: str,
+        write_rollouts: RolloutWriter,
+        budgets: list[int] | None = None,
+    ) -> ScoredStep:
         """N responses per prompt (this rank's shard), scored, gathered and selected — or, with
-        ``rs.sampling.mode: until_accepted``, rounds of them until each prompt has enough kept. Rollouts
-        whose scoring failed are written (``write_rollouts``) before the error propagates: nothing
-        generated is lost."""
-        if self.config.rs.sampling.mode == "until_accepted":
-            return self._sample_until_accepted(prompts, step, label, write_rollouts)
-        n = self.config.rs.num_rollouts_per_prompt
+        ``rs.sampling.mode: until_accepted``, rounds of them until each prompt has enough kept.
+        ``budgets``: each prompt's own count instead of N (``rs.prompt_pool.allocate: by_pass_rate``;
+        with ``until_accepted`` its most). Rollouts whose scoring failed are written
+        (``write_rollouts``) before the error propagates: nothing generated is lost."""
+        rs = self.config.rs
+        if rs.sampling.mode == "until_accepted":
+            caps = budgets or [rs.max_rollouts()] * len(prompts)
+            scored = self._sample_in_rounds(prompts, step, label, write_rollouts, rs.round_size(), caps, True)
+            wanted = rs.sampling.min_accepted
+            accepted = int((scored.kept.sum(dim=1) >= wanted).sum())
+            scored.step_metrics.update(prompts_accepted=accepted)
+            return scored
+        n = rs.num_rollouts_per_prompt
+        if budgets is not None:  # a decode call never takes more than N per prompt: what memory is planned for
+            return self._sample_in_rounds(prompts, step, label, write_rollouts, n, budgets, False)
         rollouts, flat, parts, step_metrics = self._round(prompts, n, step, label, self.seed(step), write_rollouts)
         return self.select(rollouts, flat.view(len(prompts), n), step, step_metrics, write_rollouts, parts)
 
@@ -142,37 +159,50 @@ class Sampler:
         combined = over_ranks(self.dist.gather(scorer.metrics()))
         return {f"scorer_{k}": v for k, v in combined.items()}
 
-    def _sample_until_accepted(
-        self, prompts: list[Prompt], step: int, label: str, write_rollouts: RolloutWriter
+    def _sample_in_rounds(
+        self,
+        prompts: list[Prompt],
+        step: int,
+        label: str,
+        write_rollouts: RolloutWriter,
+        size: int,
+        caps: list[int],
+        until_accepted: bool,
     ) -> ScoredStep:
-        """Rounds of ``round_size`` responses per prompt still open; after each round the selector sees
-        everything sampled so far, and a prompt with ``min_accepted`` kept (or ``max_rollouts``
-        sampled) leaves. Every rank sees every round's rollouts, so all agree on who leaves."""
-        rs = self.config.rs
-        size, most, wanted = rs.round_size(), rs.max_rollouts(), rs.sampling.min_accepted
+        """Rounds of up to ``size`` responses for each prompt still open, until each has its ``caps``
+        (and, ``until_accepted``, leaves once the selector keeps ``rs.sampling.min_accepted`` of all it
+        got: the selector sees everything sampled so far after each round). Prompts that need fewer
+        than ``size`` in a round are sampled in a call of their own. Every rank sees every round's
+        rollouts, so all agree on who leaves."""
+        wanted = self.config.rs.sampling.min_accepted
         grid = RaggedGroups(len(prompts))
         open_prompts = list(range(len(prompts)))
         totals: dict[str, Any] = {"time_generate": 0.0, "time_score": 0.0}
         rounds = 0
         scored: ScoredStep | None = None
         while open_prompts:
-            take = min(size, most - grid.count(open_prompts[0]))
-            seed = self.seed(step) + ROUND_SEED_STRIDE * rounds
-            round_label = f"{label} round {rounds + 1}"
-            batch = [prompts[p] for p in open_prompts]
-            rollouts, flat, parts, metrics = self._round(batch, take, step, round_label, seed, write_rollouts)
-            for key, value in metrics.items():  # times and counts add up over rounds; rates: the last round's
-                adds = key.startswith("time_") or (isinstance(value, int) and not isinstance(value, bool))
-                totals[key] = totals.get(key, 0) + value if adds else value
-            grid.add([open_prompts[r.group] for r in rollouts], rollouts, flat, parts)
+            takes: dict[int, list[int]] = {}  # responses this round → the prompts that get that many
+            for p in open_prompts:
+                takes.setdefault(min(size, caps[p] - grid.count(p)), []).append(p)
+            for call, (take, members) in enumerate(sorted(takes.items(), key=lambda item: -item[0])):
+                seed = self.seed(step) + ROUND_SEED_STRIDE * rounds + CALL_SEED_STRIDE * call
+                call_label = f"{label} round {rounds + 1}" if until_accepted or rounds else label
+                batch = [prompts[p] for p in members]
+                rollouts, flat, parts, metrics = self._round(batch, take, step, call_label, seed, write_rollouts)
+                for key, value in metrics.items():  # times and counts add up over calls; rates: the last one's
+                    adds = key.startswith("time_") or (isinstance(value, int) and not isinstance(value, bool))
+                    totals[key] = totals.get(key, 0) + value if adds else value
+                grid.add([members[r.group] for r in rollouts], rollouts, flat, parts)
             rounds += 1
-            rewards, present = grid.rewards()
-            scored = self.select(grid.rollouts(), rewards, step, totals, write_rollouts, grid.parts(), present)
-            kept = scored.kept.sum(dim=1)
-            open_prompts = [p for p in open_prompts if kept[p] < wanted and grid.count(p) < most]
-        assert scored is not None  # at least one round: prompts_per_step >= 1
-        accepted = int((scored.kept.sum(dim=1) >= wanted).sum())
-        scored.step_metrics.update(sampling_rounds=rounds, prompts_accepted=accepted)
+            open_prompts = [p for p in open_prompts if grid.count(p) < caps[p]]
+            if until_accepted or not open_prompts:
+                rewards, present = grid.rewards()
+                scored = self.select(grid.rollouts(), rewards, step, totals, write_rollouts, grid.parts(), present)
+                if until_accepted:
+                    kept = scored.kept.sum(dim=1)
+                    open_prompts = [p for p in open_prompts if kept[p] < wanted]
+        assert scored is not None  # at least one round: a batch has a prompt, a cap is at least 1
+        scored.step_metrics.update(sampling_rounds=rounds)
         return scored
 
     def select(

@@ -17,7 +17,8 @@ SELECTION = frozenset(
 )  # fmt: skip
 COST = frozenset(
     {"kept_tokens", "generated_tokens_per_kept_token", "rollouts_per_kept", "sampling_rounds",
-     "prompts_accepted"}
+     "prompts_accepted", "prompts_skipped_solved", "prompts_skipped_hopeless", "prompts_resting_solved",
+     "prompts_resting_hopeless", "rollouts_allocated_min", "rollouts_allocated_max"}
 )  # fmt: skip
 GENERATION_PREFIXES = ("response_len", "finished_", "generated_tokens", "generator_", "prompts_")
 

@@ -144,6 +144,48 @@ class RolloutSampling(Section):
     )
 
 
+class PromptPoolConfig(Section):
+    """What Thresher remembers of each training prompt across steps (``rs.prompt_pool``): skip what
+    is solved or hopeless, and give the sample budget where a kept response is worth most."""
+
+    skip_solved_after: int | None = Field(
+        None,
+        ge=1,
+        description="Rest a prompt whose every response passed (all rewards equal and >= pass_reward) this many "
+        "visits in a row (None: never).",
+    )
+    skip_hopeless_after: int | None = Field(
+        None,
+        ge=1,
+        description="Rest a prompt whose every response failed (all rewards equal and < pass_reward) this many "
+        "visits in a row (None: never).",
+    )
+    revisit_every: int | None = Field(
+        None,
+        ge=1,
+        description="A resting prompt is visited again this many epochs after it was rested, in case the "
+        "model forgot it or learnt it (None: never).",
+    )
+    allocate: Literal["uniform", "by_pass_rate"] = Field(
+        "uniform",
+        description="uniform: every prompt gets the step's N. by_pass_rate: the step's budget (prompts × N) is "
+        "shared out by each prompt's last pass rate, most where a passing response is likely and still new "
+        "(docs/sampling.md states the rule).",
+    )
+    pass_reward: float = Field(
+        0.5, description="A response passes when its reward is at least this (1/0 rule rewards: 0.5)."
+    )
+    equal_within: float = Field(
+        1e-6, ge=0, description="Rewards of a visit this close to each other count as all equal (zero variance)."
+    )
+    min_rollouts: int = Field(
+        2, ge=1, description="by_pass_rate: responses at least per prompt (a visit of 1 shows no streak)."
+    )
+    max_rollouts: int | None = Field(
+        None, ge=1, description="by_pass_rate: responses at most per prompt (None: twice the step's N)."
+    )
+
+
 class RSConfig(Section):
     max_steps: int = Field(10, ge=1, description="Global steps (generate → score → select → train).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts taken per global step.")
@@ -177,6 +219,32 @@ class RSConfig(Section):
     sampling: RolloutSampling = Field(
         default_factory=RolloutSampling, description="Responses per prompt: a fixed N, or until accepted."
     )
+    prompt_pool: PromptPoolConfig | None = Field(
+        None,
+        description="Remember each prompt's pass rates across steps: skip solved and hopeless prompts, share the "
+        "budget by pass rate (None: every prompt in turn, the same N).",
+    )
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> RSConfig:
+        pool = self.prompt_pool
+        if pool is None or pool.allocate != "by_pass_rate":
+            return self
+        least, most, budget = pool.min_rollouts, self.pool_max_rollouts(), self.max_rollouts()
+        if least > budget:
+            raise ValueError(
+                f"rs.prompt_pool.min_rollouts ({least}) must be at most the responses per prompt of a step "
+                f"({budget}): the budget is prompts × that"
+            )
+        if most < least:
+            raise ValueError(f"rs.prompt_pool.max_rollouts ({most}) must be at least min_rollouts ({least})")
+        return self
+
+    def pool_max_rollouts(self) -> int:
+        """``by_pass_rate``: responses at most per prompt (twice the step's per-prompt budget by default)."""
+        pool = self.prompt_pool
+        given = pool.max_rollouts if pool is not None else None
+        return given or 2 * self.max_rollouts()
 
     @model_validator(mode="after")
     def _rounds_fit(self) -> RSConfig:
