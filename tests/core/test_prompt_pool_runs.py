@@ -172,3 +172,19 @@ def test_a_budget_that_cannot_be_shared_is_refused_in_one_line(tmp_path):
     done = thresher("train", path, "--dry-run")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "rs.prompt_pool.min_rollouts (5) must be at most the responses per prompt of a step (4)" in done.stderr
+
+
+def test_a_generated_token_budget_ends_the_run_after_the_step_that_spends_it(tmp_path):
+    """rs.max_generated_tokens: the run stops after the first step whose running total reaches the
+    budget — validated, checkpointed and saved as a last step is — and not a step later."""
+    path = make_config(tmp_path, "run", max_steps=10, max_generated_tokens=300, val_every=0)
+    done = thresher("train", path, "-q")
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    steps = records(run)
+    totals = [sum(r["generated_tokens"] for r in steps[: i + 1]) for i in range(len(steps))]
+    assert totals[-1] >= 300 and all(total < 300 for total in totals[:-1])
+    last = steps[-1]["step"]
+    assert last < 10
+    assert [r["step"] for r in records(run, "validation")] == [0, last]
+    assert (run / "checkpoints" / f"step_{last}").is_dir() and (run / "final" / "model.safetensors").exists()

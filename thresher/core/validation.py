@@ -55,7 +55,8 @@ class Validator:
     def due(self, step: int) -> bool:
         """Every ``rs.val_every`` steps and after the last (with validation prompts)."""
         every = self.config.rs.val_every
-        return bool(self.prompts) and (bool(every and step % every == 0) or step == self.config.rs.max_steps)
+        last = self.progress.is_last_step(step, self.config.rs.max_steps, self.config.rs.max_generated_tokens)
+        return bool(self.prompts) and (bool(every and step % every == 0) or last)
 
     def due_at_start(self) -> bool:
         """Before the first step, and for a resumed run whose last checkpointed step was due for

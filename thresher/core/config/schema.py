@@ -188,6 +188,12 @@ class PromptPoolConfig(Section):
 
 class RSConfig(Section):
     max_steps: int = Field(10, ge=1, description="Global steps (generate → score → select → train).")
+    max_generated_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after the step in which this many response tokens have been generated in all (an "
+        "equal budget for comparing sampling modes); rs.max_steps still caps the steps. None: no such limit.",
+    )
     prompts_per_step: int = Field(8, ge=1, description="Prompts taken per global step.")
     num_rollouts_per_prompt: int = Field(8, ge=1, description="N: responses sampled per prompt.")
     seed: int = Field(1234, description="Seeds data order, sampling and initialisation.")

@@ -68,7 +68,8 @@ class Saver:
         """Every ``rs.save_every`` steps, after the last, and when the run was asked to stop."""
         rs = self.session.config.rs
         every = bool(rs.save_every and step % rs.save_every == 0)
-        return every or step == rs.max_steps or self.session.interrupts.requested
+        last = self.progress.is_last_step(step, rs.max_steps, rs.max_generated_tokens)
+        return every or last or self.session.interrupts.requested
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The policy at training precision (under FSDP gathered from the shards: a collective);
