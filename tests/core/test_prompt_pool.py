@@ -172,3 +172,15 @@ def test_visits_of_reads_only_the_valid_cells():
     valid = torch.isfinite(rewards)
     kept = torch.tensor([[True, False, False], [False, False, False]])
     assert visits_of(rewards, valid, kept) == [Visit([1.0, 0.0], 1), Visit([0.5, 0.5], 0)]
+
+
+def test_an_unseen_prompt_takes_its_groups_pass_rate_and_the_budget_follows():
+    """Prompts 0-1 are level "easy", 2-3 "hard"; 0 passed 7 of 8, 2 passed 1 of 8. Unseen 1 and 3
+    start from their level's history, so 3 (likely failed, a pass is news) gets more than 1."""
+    p = PromptPool(PromptPoolConfig(), 4, groups=["easy", "easy", "hard", "hard"])
+    p.record(0, Visit([1.0] * 7 + [0.0], 1))
+    p.record(2, Visit([1.0] + [0.0] * 7, 1))
+    assert p.pass_rate(1) == pytest.approx(7.5 / 9) and p.pass_rate(3) == pytest.approx(1.5 / 9)
+    assert PromptPool(PromptPoolConfig(), 4).pass_rate(1) == 0.5  # no groups: ½
+    few, many = p.allocate([1, 3], budget=8, least=2, most=6)
+    assert few < many and few + many == 8

@@ -10,7 +10,9 @@ are all equal (within ``equal_within``: zero variance, continuous rewards too) a
 extends nor breaks a streak).
 
 ``allocate: by_pass_rate`` shares a step's budget (prompts × N responses) by each prompt's pass rate
-at its last visit, p̂ = (passes + ½) / (responses + 1) (½ for a prompt never seen): prompt i gets
+at its last visit, p̂ = (passes + ½) / (responses + 1); a prompt never seen takes the same over the
+last visits of the prompts of its ``data.group_field`` group (a difficulty level: what the step learnt
+of its neighbours), or ½ without one. Prompt i gets
 n_i responses maximising Σ_i (1 − p̂_i) · (1 − (1 − p̂_i)^n_i), the expected number of prompts that
 yield a passing response, each weighted by how far the model still is from solving it. The k-th
 response of prompt i adds (1 − p̂_i) · p̂_i · (1 − p̂_i)^(k−1), which falls with k, so handing out one
@@ -57,6 +59,7 @@ class PromptPool:
     config: PromptPoolConfig
     size: int
     counters: dict[str, list[int]] = field(default_factory=dict)
+    groups: list[str] | None = None  # each prompt's data.group_field value: the prior of an unseen prompt
 
     def __post_init__(self) -> None:
         if not self.counters:
@@ -115,16 +118,34 @@ class PromptPool:
         if state != ACTIVE:
             c["rested_epoch"][prompt] = c["visited_epoch"][prompt]
 
-    def pass_rate(self, prompt: int) -> float:
-        """p̂ at the last visit, smoothed: (passes + ½) / (responses + 1); ½ for a prompt never seen."""
-        return (self.counters["last_passes"][prompt] + 0.5) / (self.counters["last_responses"][prompt] + 1)
+    def pass_rate(self, prompt: int, by_group: dict[str, tuple[int, int]] | None = None) -> float:
+        """p̂ at the last visit, smoothed: (passes + ½) / (responses + 1). A prompt never seen: the same
+        over its group's last visits (``by_group``: :meth:`group_history`), else ½."""
+        passes, responses = self.counters["last_passes"][prompt], self.counters["last_responses"][prompt]
+        if not responses and self.groups is not None:
+            passes, responses = (by_group or self.group_history()).get(self.groups[prompt], (0, 0))
+        return (passes + 0.5) / (responses + 1)
+
+    def group_history(self) -> dict[str, tuple[int, int]]:
+        """Each group's (passes, responses) summed over its prompts' last visits."""
+        totals: dict[str, tuple[int, int]] = {}
+        if self.groups is None:
+            return totals
+        for group, passes, responses in zip(
+            self.groups, self.counters["last_passes"], self.counters["last_responses"], strict=True
+        ):
+            if responses:
+                before = totals.get(group, (0, 0))
+                totals[group] = (before[0] + passes, before[1] + responses)
+        return totals
 
     def allocate(self, prompts: list[int], budget: int, least: int, most: int) -> list[int]:
         """Responses for each of ``prompts`` (a step's batch, repeats allowed), ``budget`` in all
         unless every prompt reaches ``most``; each in ``[least, most]``. Greedy on the falling gains
         (see the module's docstring); ties go to the earlier prompt of the batch."""
         counts = [least] * len(prompts)
-        rates = [self.pass_rate(p) for p in prompts]
+        by_group = self.group_history()
+        rates = [self.pass_rate(p, by_group) for p in prompts]
 
         def gain(i: int) -> float:
             p = rates[i]

@@ -254,7 +254,11 @@ class Run:
             dist=self.dist,
             on_micro_batch=self.reporter.advance,
         )
-        pool = PromptPool(cfg.rs.prompt_pool, len(inputs.train_prompts)) if cfg.rs.prompt_pool else None
+        pool = None
+        if cfg.rs.prompt_pool is not None:
+            field = cfg.data.group_field
+            groups = [str(p.extra.get(field)) for p in inputs.train_prompts] if field else None
+            pool = PromptPool(cfg.rs.prompt_pool, len(inputs.train_prompts), groups=groups)
         self._session = Session(
             config=cfg,
             registry=self.registry,
