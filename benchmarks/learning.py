@@ -21,10 +21,10 @@ formatting (the preset's: its chat template) for all. Trainers:
   so a response counts as finished (not cut off) when its last id is an EOS id of the model;
 - ``NAME:KEY=V,...`` (``--thresher``, repeatable): the preset with these overrides.
 
-It prints one table — trainer, wall-clock, seconds per step, generated tokens, peak RSS, held-out
-greedy and sampled pass rate overall and per level — with mean ± spread (min–max) over seeds, and
-writes ``results.json`` and the evaluator's per-prompt answers (``eval_<trainer>_s<seed>.jsonl``) into
-``--out``.
+It prints one table — trainer, wall-clock, steps, seconds per step, generated tokens (and per kept
+token), peak RSS, held-out greedy and sampled pass rate overall and per level — with mean ± spread
+(min–max) over seeds, and writes ``results.json`` and the evaluator's per-prompt answers
+(``eval_<trainer>_s<seed>.jsonl``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def train_thresher(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     with Run.from_config(preset, items, quiet=True) as run:
         history = run.train()
-        steps = run.config.rs.max_steps
+    steps = len(history)  # rs.max_steps, or fewer with rs.max_generated_tokens
     final = [r for r in json_lines(Path(job["out"]) / "metrics.jsonl") if r.get("kind") == "validation"]
     entropy = [r["policy_entropy"] for r in history if r.get("policy_entropy") is not None]
     return {
@@ -190,6 +190,7 @@ def train_thresher(job: dict[str, Any]) -> dict[str, Any]:
         "train_s": time.perf_counter() - started,
         "steps": steps,
         "generated_tokens": int(sum(r.get("generated_tokens", 0) for r in history)),
+        "kept_tokens": int(sum(r.get("kept_tokens") or 0 for r in history)),
         "own_final_val_reward_greedy": final[-1].get("val_reward_greedy") if final else None,
         **first_and_last(entropy),
     }
@@ -319,8 +320,8 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     levels = sorted({k.removeprefix("greedy_") for r in results for k in r if k.startswith("greedy_")})
-    columns = ["wall_s", "s_per_step", "generated_tokens", "peak_rss_mb", "entropy_first", "entropy_last", "greedy",
-               "sampled"]  # fmt: skip
+    columns = ["wall_s", "steps", "s_per_step", "generated_tokens", "gen_per_kept", "peak_rss_mb", "entropy_first",
+               "entropy_last", "greedy", "sampled"]  # fmt: skip
     columns += [f"greedy_{level}" for level in levels if level != "all"]
     print("| trainer | seeds | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
@@ -329,6 +330,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         for r in runs:
             if r.get("steps"):
                 r["s_per_step"] = r["train_s"] / r["steps"]
+            if r.get("kept_tokens"):  # Thresher's runs: generated tokens per kept (trained-on) token
+                r["gen_per_kept"] = r["generated_tokens"] / r["kept_tokens"]
         cells = [spread([r[c] for r in runs if r.get(c) is not None], c) for c in columns]
         print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
 
@@ -337,7 +340,8 @@ def spread(values: list[float], column: str) -> str:
     """``mean`` for one value, ``mean (min–max)`` for several; blank where not measured."""
     if not values:
         return ""
-    digits = 0 if column in ("wall_s", "generated_tokens", "peak_rss_mb") else (1 if column == "s_per_step" else 3)
+    whole = ("wall_s", "steps", "generated_tokens", "peak_rss_mb")
+    digits = 0 if column in whole else (1 if column in ("s_per_step", "gen_per_kept") else 3)
     mean = f"{statistics.fmean(values):.{digits}f}"
     return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 

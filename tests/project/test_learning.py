@@ -82,7 +82,8 @@ def test_the_learning_benchmark_runs_end_to_end_and_its_evaluator_agrees_with_th
         "--set", "generator.max_new_tokens=8",
     ]  # fmt: skip
     if not with_trl:
-        command += ["--thresher", "lr_high:optim.lr=0.01"]
+        # a token budget (spent by step 1 of 2) ends that run a step early: validated as a last step
+        command += ["--thresher", "lr_high:optim.lr=0.01,rs.max_generated_tokens=1"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
@@ -103,6 +104,7 @@ def test_the_learning_benchmark_runs_end_to_end_and_its_evaluator_agrees_with_th
         if r["trainer"] in ("thresher", "random", "lr_high"):
             assert r["greedy"] > 0
             assert r["greedy"] == pytest.approx(r["own_final_val_reward_greedy"], abs=1e-6)
+            assert r["steps"] == (1 if r["trainer"] == "lr_high" else 2)
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| trainer | seeds | wall_s") and len(table) == 1 + len(results)  # one seed each
     if not with_trl:  # --reuse: an interrupted benchmark goes on from what it finished; here, everything
