@@ -75,3 +75,16 @@ class IdleGenerator:
 
     def close(self):
         pass
+
+
+def assert_same_rollouts_and_weights(one: Path, two: Path, steps: int, atol: float = 1e-5) -> None:
+    """Two runs (one process and several ranks, say) sampled the same rollouts in every step and
+    ended on the same weights, within ``atol``."""
+    from safetensors.torch import load_file
+
+    for step in range(1, steps + 1):
+        name = f"step_{step}.jsonl"
+        assert read_jsonl(one / "rollouts" / name) == read_jsonl(two / "rollouts" / name), name
+    other = load_file(two / "final" / "model.safetensors")
+    for name, tensor in load_file(one / "final" / "model.safetensors").items():
+        torch.testing.assert_close(other[name], tensor, atol=atol, rtol=0)

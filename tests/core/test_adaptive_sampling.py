@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.core.test_reliability import assert_same_run, make_config, thresher
-from tests.helpers import MEASURED, read_jsonl
+from tests.helpers import MEASURED, assert_same_rollouts_and_weights, read_jsonl
 from thresher.core.run.records import ScoredStep, step_statistics
 from thresher.core.types import Prompt, Rollout
 from thresher.selectors.topk import TopKSelector
@@ -163,12 +163,7 @@ def test_two_ranks_agree_on_who_leaves_and_match_one_process(tmp_path):
     one, two = train_records(runs["one"]), train_records(runs["two"])
     assert [r["rollouts"] for r in one] == [r["rollouts"] for r in two]
     assert [r["sampling_rounds"] for r in one] == [r["sampling_rounds"] for r in two]
-    for step in (1, 2):
-        a = read_jsonl(runs["one"] / "rollouts" / f"step_{step}.jsonl")
-        assert a == read_jsonl(runs["two"] / "rollouts" / f"step_{step}.jsonl")
-    for name, tensor in load_file(runs["one"] / "final" / "model.safetensors").items():
-        got = load_file(runs["two"] / "final" / "model.safetensors")[name]
-        torch.testing.assert_close(got, tensor, atol=1e-5, rtol=0)
+    assert_same_rollouts_and_weights(runs["one"], runs["two"], steps=2)
 
 
 def test_a_round_larger_than_n_is_refused_in_one_line(tmp_path):

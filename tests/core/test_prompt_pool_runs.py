@@ -10,12 +10,10 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from tests.core.test_reliability import assert_same_run, make_config, thresher
-from tests.helpers import read_jsonl
+from tests.helpers import assert_same_rollouts_and_weights, read_jsonl
 
 # solved: every response earns 1; hopeless: every response earns 0.3 (continuous, zero variance,
 # under pass_reward); mixed: 1 or 0 by the response's digit count, so groups differ
@@ -158,13 +156,7 @@ def test_two_ranks_rest_and_allocate_as_one_process(tmp_path):
     keys = ("prompts_skipped_solved", "prompts_skipped_hopeless", "rollouts_allocated_max", "sampling_rounds")
     assert [[r[k] for k in keys] for r in one] == [[r[k] for k in keys] for r in two]
     assert sum(r["prompts_skipped_solved"] + r["prompts_skipped_hopeless"] for r in one) > 0
-    for step in range(1, 5):
-        assert read_jsonl(runs["one"] / "rollouts" / f"step_{step}.jsonl") == read_jsonl(
-            runs["two"] / "rollouts" / f"step_{step}.jsonl"
-        )
-    for name, tensor in load_file(runs["one"] / "final" / "model.safetensors").items():
-        got = load_file(runs["two"] / "final" / "model.safetensors")[name]
-        torch.testing.assert_close(got, tensor, atol=1e-5, rtol=0)
+    assert_same_rollouts_and_weights(runs["one"], runs["two"], steps=4)
 
 
 def test_a_budget_that_cannot_be_shared_is_refused_in_one_line(tmp_path):
