@@ -65,6 +65,8 @@ def test_a_dry_pool_ends_the_run_cleanly_and_trains_every_kept_rollout(tmp_path)
     assert steps[1]["prompts_resting_solved"] == 6
     (stop,) = records(run, "stop")
     assert stop["step"] == 2 and "every training prompt rests" in stop["reason"]
+    assert [r["step"] for r in records(run, "validation")] == [0, 2]  # the last step is validated
+    assert (run / "checkpoints" / "step_2").is_dir()
     for record in steps:
         rows = read_jsonl(run / "rollouts" / f"step_{record['step']}.jsonl")
         assert sum(r["kept"] for r in rows) == record["kept"] == 4  # top-1 of each of 4 prompts

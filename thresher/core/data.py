@@ -246,6 +246,11 @@ class PromptStream:
                 raise ValueError("the checkpoint has no prompt pool state (rs.prompt_pool was added after it)")
             self.pool.load_state_dict(state["pool"])
 
+    def exhausted(self) -> bool:
+        """Every prompt rests and none will come back: there is no next batch."""
+        pool = self.pool
+        return pool is not None and pool.all_resting() and pool.next_revisit_epoch() is None
+
     @property
     def consumed(self) -> int:
         return self.epoch * len(self.prompts) + self.position

@@ -53,6 +53,8 @@ def train(session: Session) -> list[dict[str, Any]]:
                         )
                         break
                     record = global_step(session, step, loggers)
+                    if session.stream.exhausted():  # every prompt rests for good: validate and save as a last step
+                        progress.ends_after = step
                     seconds_per_step = (time.perf_counter() - started) / (step - progress.start_step)
                     reporter.step(record, rs.max_steps, seconds_per_step)
                     check_diversity(session, saver, step, record)
@@ -61,6 +63,8 @@ def train(session: Session) -> list[dict[str, Any]]:
                     session.interrupts.check(f"after step {step}")
                     if validator.due(step):
                         validator.validate(step, loggers)
+                    if progress.ends_after == step:
+                        raise EarlyStop(step, POOL_DRY)
             except StopRequested as stop:
                 raise saver.stopped(stop) from None
             except EarlyStop as stop:

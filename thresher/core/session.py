@@ -43,6 +43,7 @@ class Progress:
     checkpointed_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     validation_history: list[dict[str, Any]] = field(default_factory=list)
+    ends_after: int | None = None  # a step found to be the run's last once done (a dry prompt pool)
 
     def step_done(self, record: dict[str, Any]) -> None:
         """Book a finished global step's metrics record (``Run.step`` and the training loop alike)."""
@@ -60,9 +61,9 @@ class Progress:
 
     def is_last_step(self, step: int, max_steps: int, max_generated_tokens: int | None) -> bool:
         """``step`` ends the run: the last of ``rs.max_steps``, or the one that spent
-        ``rs.max_generated_tokens`` (known once it is done)."""
+        ``rs.max_generated_tokens``, or the one after which every prompt rests (known once it is done)."""
         spent = max_generated_tokens is not None and self.generated_tokens >= max_generated_tokens
-        return step == max_steps or (spent and step == self.completed_step)
+        return step in (max_steps, self.ends_after) or (spent and step == self.completed_step)
 
     def budget_spent(self, max_generated_tokens: int | None) -> bool:
         return max_generated_tokens is not None and self.generated_tokens >= max_generated_tokens
