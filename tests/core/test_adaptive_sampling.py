@@ -132,6 +132,7 @@ def test_a_ragged_selection_keeps_exactly_what_the_selector_says_of_the_present_
     assert not bool((scored.kept & ~present).any())
     stats = step_statistics(ScoredStep(rollouts, grid, scored.valid, scored.kept, present=present))
     assert stats["rollouts"] == 12 and stats["kept"] == 4
+    assert stats["nonfinite_rewards"] == 0  # the 6 missing cells are not rewards the scorer got wrong
     assert stats["accept_rate"] == pytest.approx(4 / 12)
     flat = [v for row in rewards for v in row]
     assert stats["reward_mean"] == pytest.approx(sum(flat) / len(flat))

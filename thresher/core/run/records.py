@@ -89,7 +89,7 @@ def step_statistics(scored: ScoredStep) -> dict[str, Any]:
         "kept": int(kept.sum()),
         "accept_rate": float(scored.per_rollout(kept).float().mean()),
         "prompts_without_kept": int((~kept.any(dim=1)).sum()),
-        "nonfinite_rewards": int((~valid).sum()),
+        "nonfinite_rewards": int((scored.cells() & ~valid).sum()),  # a ragged group's missing cells are not
         "reward_mean": _stat(finite, "mean"),
         "reward_std": _stat(finite, "std"),
         "reward_min": _stat(finite, "min"),
