@@ -73,12 +73,12 @@ def test_prompts_leave_once_accepted_and_the_rest_sample_up_to_the_maximum(adapt
 
 
 def test_one_round_of_n_is_the_fixed_mode_exactly(tmp_path):
-    """A round as large as N and a target nobody reaches: one round, the same rollouts and update as
-    rs.sampling.mode: fixed (whose seeds, and so results, round 1 shares)."""
+    """A round as large as N and as max_rollouts: one round whatever is accepted, the same rollouts
+    and update as rs.sampling.mode: fixed (whose seeds, and so results, round 1 shares)."""
     fixed = make_config(tmp_path, "fixed", max_steps=2)
     one_round = make_config(
         tmp_path, "one_round", max_steps=2,
-        sampling={"mode": "until_accepted", "min_accepted": 99, "round_size": 4, "max_rollouts": 4},
+        sampling={"mode": "until_accepted", "min_accepted": 1, "round_size": 4, "max_rollouts": 4},
     )  # fmt: skip
     for path in (fixed, one_round):
         done = thresher("train", path, "-q")
@@ -173,3 +173,10 @@ def test_a_round_larger_than_n_is_refused_in_one_line(tmp_path):
     assert done.returncode != 0
     assert "rs.sampling.round_size (5) must be at most rs.num_rollouts_per_prompt (4)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_target_the_selector_can_never_reach_is_refused_in_one_line(tmp_path):
+    path = make_config(tmp_path, "run", sampling={"mode": "until_accepted", "min_accepted": 2})  # tiny: top-1
+    done = thresher("train", path, "--dry-run")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "rs.sampling.min_accepted (2) is more than selector.top_n_rollouts (1) keeps per prompt" in done.stderr

@@ -83,6 +83,7 @@ def _resolve_config(raw: dict[str, Any], registry: Registry) -> RunConfig:
         problems.append(sampling_contract_problem(config.generator.type, type(config.generator.config).__name__))
     problems.extend(nonfinite_numbers(config))
     problems.extend(undefined_normalizations(config))
+    problems.extend(unreachable_acceptance(config))
     if problems:
         raise ConfigError(problems)
     return config
@@ -109,6 +110,20 @@ def undefined_normalizations(config: RunConfig) -> list[str]:
                 "rs.num_rollouts_per_prompt is 1 (every reward would become 0); use normalize: none or N >= 2"
             )
     return problems
+
+
+def unreachable_acceptance(config: RunConfig) -> list[str]:
+    """``until_accepted`` waits for ``min_accepted`` kept responses per prompt; a selector that keeps
+    at most ``top_n_rollouts`` per prompt can never reach more, and every prompt would silently run
+    to ``max_rollouts``: the sampling mode's point lost."""
+    sampling = config.rs.sampling
+    most = getattr(config.selector.config, "top_n_rollouts", None)
+    if sampling.mode != "until_accepted" or not isinstance(most, int) or sampling.min_accepted <= most:
+        return []
+    return [
+        f"rs.sampling.min_accepted ({sampling.min_accepted}) is more than selector.top_n_rollouts ({most}) keeps "
+        "per prompt: no prompt could ever be accepted; lower it or raise top_n_rollouts"
+    ]
 
 
 def nonfinite_numbers(value: Any, where: str = "") -> list[str]:
