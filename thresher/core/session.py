@@ -62,7 +62,7 @@ class Progress:
     def is_last_step(self, step: int, max_steps: int, max_generated_tokens: int | None) -> bool:
         """``step`` ends the run: the last of ``rs.max_steps``, or the one that spent
         ``rs.max_generated_tokens``, or the one after which every prompt rests (known once it is done)."""
-        spent = max_generated_tokens is not None and self.generated_tokens >= max_generated_tokens
+        spent = self.budget_spent(max_generated_tokens)
         return step in (max_steps, self.ends_after) or (spent and step == self.completed_step)
 
     def budget_spent(self, max_generated_tokens: int | None) -> bool:
