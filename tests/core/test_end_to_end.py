@@ -202,6 +202,31 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
+def test_auto_micro_batch_resumes_with_the_checkpoints_micro_batch(tiny_config, write_config, cli, tmp_path):
+    """The plan picks a whole optimizer batch at first; on resume a headroom of 99% would make it pick 1,
+    but the run keeps the checkpoint's size and ends as the uninterrupted run does."""
+    tiny_config["rs"].update(max_steps=4, save_every=2)
+    tiny_config["optim"].update(micro_batch_size="auto", epochs_per_step=2)
+    cap = tiny_config["rs"]["prompts_per_step"] * tiny_config["rs"]["num_rollouts_per_prompt"]
+    whole = dict(tiny_config, output={**tiny_config["output"], "dir": str(tmp_path / "whole")})
+    result = cli("train", write_config(whole, "whole.yaml"))
+    assert result.exit_code == 0, result.output
+    assert f"optim.micro_batch_size auto: {cap} (the memory plan's pick)" in result.output
+    parted = dict(tiny_config, output={**tiny_config["output"], "dir": str(tmp_path / "parted")})
+    path = write_config(parted, "parted.yaml")
+    assert cli("train", path, "--quiet", "--set", "rs.max_steps=2").exit_code == 0
+    result = cli("train", path, "--resume", "--set", "optim.micro_batch_headroom=0.99")
+    assert result.exit_code == 0, result.output
+    assert "optim.micro_batch_size auto: 1 (the memory plan's pick)" in result.output
+    assert f"optim.micro_batch_size auto: {cap}, as in the checkpoint (the memory plan now allows 1)" in result.output
+
+    def train_metrics(run):
+        rows = [m for m in read_jsonl(tmp_path / run / "metrics.jsonl") if m["kind"] == "train"]
+        return [{k: v for k, v in m.items() if not k.startswith(MEASURED)} for m in rows]
+
+    assert train_metrics("whole") == train_metrics("parted")
+
+
 def test_generate_writes_best_of_n_pairs_without_training(tiny_config, write_config, cli, tmp_path):
     out = tmp_path / "best.jsonl"
     result = cli("generate", write_config(tiny_config), "--out", out, "--limit", "6", "--quiet")

@@ -40,6 +40,39 @@ def test_gpu_step_runs_the_documented_smoke_command_with_lora_and_checkpointing(
     assert 0.5 < ratio < 1.5
 
 
+def test_gpu_step_lets_the_plan_pick_the_micro_batch():
+    out = run("benchmarks/gpu_step.py", "--shape", "tiny", "--device", "cpu", "--micro-batch", "auto")
+    picked = re.search(r"micro-batch (\d+) \(auto\)", out)
+    assert picked, out
+    # tiny: 4 prompts × N = 2, so a whole optimizer batch is 8 sequences, far within this machine's memory
+    assert int(picked.group(1)) == 8
+    assert "note: optim.micro_batch_size auto: 8 (a whole optimizer batch" in out
+
+
+def test_gpu_step_plans_the_full_8b_shape_for_an_80gb_card_without_a_gpu():
+    """Llama-3-8B's 32 layers, nothing allocated: LoRA with checkpointing fits 80 GiB and the plan picks
+    a micro-batch; full fine-tuning (fp32 masters and AdamW moments: 16 bytes per weight) does not."""
+    lora = run(
+        *[
+            "benchmarks/gpu_step.py",
+            "--shape",
+            "8b",
+            "--lora",
+            "--checkpointing",
+            "--micro-batch",
+            "auto",
+            "--plan-gb",
+            "80",
+        ]
+    )
+    assert "planned for a 80 GiB CUDA card" in lora and "7.38B × 2 B (bfloat16)" in lora
+    assert re.search(r"available\s+80\.0 GB\s+fits", lora), lora
+    picked = int(re.search(r"optim.micro_batch_size auto: (\d+) \(the largest whose", lora).group(1))
+    assert 16 < picked < 512
+    full = run(*["benchmarks/gpu_step.py", "--shape", "8b", "--micro-batch", "auto", "--plan-gb", "80"])
+    assert "DOES NOT FIT" in full and "not even 1 sequence" in full
+
+
 def test_generation_benchmark_on_a_random_shape_at_fixed_length():
     out = run(
         "benchmarks/generation.py", "--shape", "tiny", "--fixed-length", "--prompts", "2", "--n", "2",

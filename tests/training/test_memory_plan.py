@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from tests.training.test_loss import make_batch
 from thresher.core.config import LoraOptions, load_config
 from thresher.core.model import build_tiny_model, tiny_config
-from thresher.core.training.memory import model_shape, plan_memory
+from thresher.core.training.memory import model_shape, plan_auto_micro_batch, plan_memory, with_micro_batch
 from thresher.core.training.trainer import accumulate_gradients
 from thresher.losses.masked_mean_logprob import MaskedMeanLogprobLoss
 
@@ -101,6 +102,56 @@ def test_an_8b_policy_plans_to_fit_80gb_only_with_lora_and_checkpointing(tmp_pat
     assert both.fits, both.render()
 
 
+def test_auto_micro_batch_is_the_largest_whose_training_peak_leaves_the_headroom(tmp_path, tiny_tokenizer, registry):
+    """Llama-3-8B's shape, LoRA + checkpointing, 64 prompts × N = 8 on an 80 GiB card: the bisection's
+    pick against the plan of every micro-batch from 1 to a whole optimizer batch (512)."""
+    from transformers import AutoConfig
+
+    model_dir = llama_8b_dir(tmp_path / "llama8b", tiny_tokenizer)
+    raw = yaml.safe_load((ROOT / "thresher" / "presets" / "tiny.yaml").read_text())
+    raw["model"] = {"path": str(model_dir), "dtype": "bfloat16", "lora": {"r": 16}, "memory_limit_gb": 80}
+    raw["generator"]["max_new_tokens"] = 128
+    raw["rs"].update(prompts_per_step=64, num_rollouts_per_prompt=8)
+    raw["optim"].update(micro_batch_size="auto", activation_checkpointing=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path, [], registry)
+    shape = model_shape(AutoConfig.from_pretrained(model_dir), config.model.lora)
+
+    def plan_for(run_config):
+        return plan_memory(run_config, shape, 512, torch.device("cuda"), available=80 * GiB)
+
+    plan = plan_auto_micro_batch(config, plan_for)
+    peaks = [plan_for(with_micro_batch(config, size)).training_peak for size in range(1, 513)]
+    fitting = [size for size, peak in enumerate(peaks, start=1) if peak <= 0.85 * 80 * GiB]
+    assert plan.micro_batch_size == max(fitting) and 1 < max(fitting) < 512  # a real bracket, not a bound
+    assert plan.training_peak == peaks[max(fitting) - 1]
+    assert f"optim.micro_batch_size auto: {max(fitting)} (the largest whose training peak fits in 85%" in plan.render()
+    headroom = load_config(path, ["optim.micro_batch_headroom=0.5"], registry)
+    assert plan_auto_micro_batch(headroom, plan_for).micro_batch_size < max(fitting)
+    capped = load_config(path, ["optim.batch_size=24"], registry)  # nothing beyond one optimizer batch
+    assert plan_auto_micro_batch(capped, plan_for).micro_batch_size == 24
+    unknown = plan_auto_micro_batch(config, lambda c: plan_memory(c, shape, 512, torch.device("cuda")))
+    assert unknown.micro_batch_size == 8 and "the available memory is unknown" in unknown.render()
+
+
+def test_auto_micro_batch_run_stays_within_its_plan(tmp_path, long_prompts):
+    """SmolLM2 on 8 sequences of 512+ tokens in a fresh process, with a memory limit that lets the
+    plan pick fewer than all 8: the run trains with that micro-batch and its measured peak resident set
+    stays within the plan's peak plus the headroom (and within the limit)."""
+    record, run_dir, stderr = run_once(tmp_path, long_prompts, checkpointing=False, micro_batch="auto", limit_gb=5.5)
+    picked = re.search(r"optim.micro_batch_size auto: (\d+) \(the largest", (run_dir / "memory_plan.txt").read_text())
+    assert picked, (run_dir / "memory_plan.txt").read_text()
+    size = int(picked.group(1))
+    # measured 2026-11-30: 0.65 GB of activations a sequence, 3 fit in 85% of 5.5 GB (4.35 GB), 4 do not
+    # (5.0 GB): the limit sits between them so that the process's own runtime moving ±0.3 GB changes nothing
+    assert size == 3, (run_dir / "memory_plan.txt").read_text()
+    assert f"optim.micro_batch_size auto: {size} (the memory plan's pick)" in stderr
+    assert record["kept"] == 8
+    assert record["memory_peak_mb"] <= 1.15 * record["memory_planned_peak_mb"], record
+    assert record["memory_peak_mb"] <= 5.5 * 1024, record
+
+
 def test_a_run_that_cannot_fit_stops_before_loading_in_one_line(tmp_path, tiny_tokenizer):
     """An 8B policy with no weight files: the plan alone must stop it (loading would fail otherwise)."""
     model_dir = llama_8b_dir(tmp_path / "llama8b", tiny_tokenizer)
@@ -170,8 +221,11 @@ def long_prompts(tmp_path_factory) -> Path:
     return path
 
 
-def run_once(tmp: Path, prompts: Path, checkpointing: bool) -> dict:
-    """One step of SmolLM2 on 8 sequences of 512+ tokens in a fresh process; its metrics line."""
+def run_once(
+    tmp: Path, prompts: Path, checkpointing: bool, micro_batch: int | str = 8, limit_gb: float | None = None
+) -> tuple[dict, Path, str]:
+    """One step of SmolLM2 on 8 sequences of 512+ tokens in a fresh process: its metrics line, its
+    run directory and what it printed on stderr."""
     config = {
         "model": {"path": "builtin:smollm2", "dtype": "float32", "device": "cpu"},
         "data": {"train": str(prompts), "chat_template": "never"},
@@ -179,19 +233,22 @@ def run_once(tmp: Path, prompts: Path, checkpointing: bool) -> dict:
         "generator": {"type": "hf", "max_new_tokens": 8, "batch_size": 2},
         "scorer": {"type": "rule", "function": "thresher.presets.rewards:digit_share"},
         "selector": {"type": "topk", "top_n_rollouts": 4},  # keep all 8: one micro-batch of 8
-        "optim": {"lr": 1e-5, "micro_batch_size": 8, "activation_checkpointing": checkpointing},
+        "optim": {"lr": 1e-5, "micro_batch_size": micro_batch, "activation_checkpointing": checkpointing},
         "output": {"dir": str(tmp / f"run-{checkpointing}"), "save_final": False},
     }
+    if limit_gb is not None:
+        config["model"]["memory_limit_gb"] = limit_gb
     path = tmp / f"mem-{checkpointing}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "thresher", "train", str(path), "-q"],
+        [sys.executable, "-m", "thresher", "train", str(path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    lines = (tmp / f"run-{checkpointing}" / "metrics.jsonl").read_text().splitlines()
-    return next(r for r in map(json.loads, lines) if r["kind"] == "train")
+    run_dir = tmp / f"run-{checkpointing}"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return next(r for r in map(json.loads, lines) if r["kind"] == "train"), run_dir, result.stderr
 
 
 def test_plan_is_within_25_percent_of_measured_peak_rss_on_smollm2(tmp_path, long_prompts):
@@ -201,8 +258,8 @@ def test_plan_is_within_25_percent_of_measured_peak_rss_on_smollm2(tmp_path, lon
     tokenizer = load_tokenizer("builtin:smollm2")
     lengths = [len(tokenizer(json.loads(line)["prompt"])["input_ids"]) for line in long_prompts.open()]
     assert min(lengths) >= 505  # + up to 8 new tokens: sequences of 512 or more
-    plain = run_once(tmp_path, long_prompts, checkpointing=False)
-    checkpointed = run_once(tmp_path, long_prompts, checkpointing=True)
+    plain = run_once(tmp_path, long_prompts, checkpointing=False)[0]
+    checkpointed = run_once(tmp_path, long_prompts, checkpointing=True)[0]
     assert plain["kept"] == checkpointed["kept"] == 8  # one micro-batch of all 8 sequences
     for record in (plain, checkpointed):
         ratio = record["memory_planned_peak_mb"] / record["memory_peak_mb"]

@@ -48,6 +48,7 @@ from thresher.core.training.memory import (
     format_bytes,
     plan_run_memory,
     return_large_frees_to_the_os,
+    with_micro_batch,
 )
 from thresher.core.training.precision import check_trainable_precision, wants_master_weights
 from thresher.core.training.sharding import PolicyHolder
@@ -137,12 +138,31 @@ class Run:
         memory_plan = plan_run_memory(
             self.config, model_config, train_prompts, self.device, training, self.dist.world_size, generator_cls
         )
+        if memory_plan.micro_batch_size is not None and self.dist.enabled:
+            memory_plan = self._agree_on_micro_batch(memory_plan, model_config, train_prompts, training, generator_cls)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             memory_plan.notes.append(
                 "planned for a CUDA device this machine does not have: compare the peaks with its memory"
             )
         self.inputs = Inputs(tokenizer, train_prompts, val_prompts, skipped, memory_plan)
         return memory_plan
+
+    def _agree_on_micro_batch(
+        self, plan: MemoryPlan, model_config: Any, prompts: list[Prompt], training: bool, generator_cls: type
+    ) -> MemoryPlan:
+        """``optim.micro_batch_size: auto`` under torchrun: every rank runs the same micro-batches (FSDP
+        pads to the busiest rank's count), so all take the smallest any rank's plan allows."""
+        chosen = plan.micro_batch_size
+        assert chosen is not None
+        agreed = min(self.dist.gather(chosen))
+        if agreed == chosen:
+            return plan
+        resolved = with_micro_batch(self.config, agreed)
+        world = self.dist.world_size
+        plan = plan_run_memory(resolved, model_config, prompts, self.device, training, world, generator_cls)
+        plan.micro_batch_size = agreed
+        plan.notes.append(f"optim.micro_batch_size auto: {agreed}, the smallest of the ranks' (this one: {chosen})")
+        return plan
 
     def _check_data_columns(self, prompts: list[Prompt]) -> None:
         """A scorer section's ``Config`` may check itself against the data's columns (optional
@@ -242,10 +262,14 @@ class Run:
             self.reporter.info(f"[yellow]warning:[/] {precision_warning}")
         self._warn_greedy_duplicates()
         plugins = self._plugins = self._build_plugins(policy.model, inputs.tokenizer)
+        optim = cfg.optim
+        if memory_plan.micro_batch_size is not None:  # optim.micro_batch_size: auto
+            optim = with_micro_batch(cfg, memory_plan.micro_batch_size).optim
+            self.reporter.info(f"optim.micro_batch_size auto: {memory_plan.micro_batch_size} (the memory plan's pick)")
         trainer = Trainer(
             policy.holder.train_model,
             plugins.loss,
-            cfg.optim,
+            optim,
             max_steps=cfg.rs.max_steps,
             pad_id=inputs.tokenizer.pad_token_id,
             device=self.device,

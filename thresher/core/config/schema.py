@@ -59,6 +59,12 @@ class ModelConfig(Section):
         True,
         description="Stop before loading when the memory plan (thresher train --dry-run) says the run will not fit.",
     )
+    memory_limit_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Plan against this much memory (GiB) instead of what the device reports free: a GPU shared "
+        "with another process, or room left for one. Checked with memory_check and used by micro_batch_size: auto.",
+    )
     chat_template: str | None = Field(
         None,
         description="A Jinja chat template, or a file holding one, for a model whose tokenizer has none (or to "
@@ -293,11 +299,35 @@ class OptimConfig(Section):
         None, ge=0, lt=1, description="Warm-up as a fraction of rs.max_steps (rounded up); instead of warmup_steps."
     )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward pass.")
+    micro_batch_size: int | Literal["auto"] = Field(
+        8,
+        description="Sequences per forward/backward pass; 'auto': the largest the memory plan says fits, "
+        "keeping micro_batch_headroom of the memory free.",
+    )
+    micro_batch_headroom: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="With micro_batch_size: auto, the share of the available memory the plan's training peak "
+        "leaves free (the plan's own error, other processes).",
+    )
     batch_size: int | None = Field(
         None, ge=1, description="Kept sequences per optimizer step (None: all of a step's, one update)."
     )
     epochs_per_step: int = Field(1, ge=1, description="Passes over a step's kept rollouts.")
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _whole_or_auto(cls, value: Any) -> Any:
+        """One line for a bad value (the union would otherwise report each of its two types)."""
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("expected a whole number >= 1 or 'auto'")
+        return value
+
     grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm (None: no clipping).")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
@@ -465,7 +495,8 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.optim.batch_size is not None and self.optim.batch_size < self.optim.micro_batch_size:
+        micro = self.optim.micro_batch_size
+        if self.optim.batch_size is not None and micro != "auto" and self.optim.batch_size < micro:
             raise ValueError("optim.batch_size must be >= optim.micro_batch_size")
         metric = self.guardrails.early_stop_metric
         if metric and not self.data.validation:

@@ -56,6 +56,8 @@ RESUME_MAY_CHANGE = (
     "rs.on_nonfinite_reward",
     "optim.max_nonfinite_updates",
     "optim.adamw_impl",
+    "optim.micro_batch_headroom",  # auto resumes with the checkpoint's micro-batch
+    "model.memory_limit_gb",
     "scorer.cache",
     "scorer.dedup",
     "model.device",

@@ -89,6 +89,7 @@ class Saver:
             "data": session.stream.state_dict(),
             "config": session.config.to_dict(),
             "nonfinite_in_a_row": self.trainer.nonfinite_in_a_row,
+            "micro_batch_size": self.trainer.micro_batch_size,
             "guardrails": session.guardrails.state_dict(),
             **session.trainset.state_dict(),
             "world_size": self.dist.world_size,
@@ -143,6 +144,7 @@ class Saver:
         progress = self.progress
         progress.start_step = progress.completed_step = progress.checkpointed_step = int(saved["step"])
         trainer.nonfinite_in_a_row = int(saved.get("nonfinite_in_a_row", 0))
+        self._keep_micro_batch(saved.get("micro_batch_size"))
         session.guardrails.load_state_dict(saved["guardrails"])
         session.trainset.load_state_dict(saved)
         if self.dist.is_main:
@@ -154,6 +156,18 @@ class Saver:
         # an engine holding its own copy of the weights must take the resumed ones
         session.plugins.generator.load_weights(policy.model)
         self.reporter.info(f"resumed from {path} at step {progress.start_step}")
+
+    def _keep_micro_batch(self, saved: int | None) -> None:
+        """``optim.micro_batch_size: auto`` resumes with the micro-batch the run had: the free memory
+        may differ now, and another size would sum the gradients in another order (not bit-exact)."""
+        trainer = self.trainer
+        if self.session.config.optim.micro_batch_size != "auto" or saved is None or saved == trainer.micro_batch_size:
+            return
+        self.reporter.info(
+            f"optim.micro_batch_size auto: {saved}, as in the checkpoint (the memory plan now allows "
+            f"{trainer.micro_batch_size})"
+        )
+        trainer.micro_batch_size = int(saved)
 
     def stopped(self, stop: StopRequested) -> StopRequested:
         """Checkpoint the last completed step (if not yet) and say how to resume."""

@@ -27,6 +27,7 @@ import ctypes
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ROLLOUT_BYTES_PER_TOKEN = 48  # a list slot and an int object per token id, the decoded text, the JSON record
 ROLLOUT_BYTES = 512
 MASTER_BYTES = 4  # fp32 master weights, gradients and AdamW moments
+GiB = 2**30
 
 
 def enable_activation_checkpointing(model: CausalLM) -> None:
@@ -159,6 +161,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     host_needed: int = 0  # a GPU run's host memory for one step's rollouts
     host_available: int | None = None
+    micro_batch_size: int | None = None  # what optim.micro_batch_size: auto resolved to
 
     @property
     def peak(self) -> int:
@@ -318,6 +321,8 @@ def _rollouts(config: RunConfig) -> PlanItem:
 def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> PlanItem:
     new_tokens = sampling_params(config).max_new_tokens
     batch = config.optim.micro_batch_size
+    if batch == "auto":
+        raise ValueError("plan_memory needs a micro-batch size: plan_run_memory resolves optim.micro_batch_size auto")
     length = prompt_tokens + new_tokens
     tokens = batch * length
     per_layer = layer_activation_bytes(shape, s, config.model.lora)
@@ -370,9 +375,71 @@ def plan_run_memory(
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if available is not None and device.type == "cpu" and local_ranks > 1:
         available //= local_ranks
+    if config.model.memory_limit_gb is not None:
+        available = int(config.model.memory_limit_gb * GiB)
     runtime = current_rss() if device.type == "cpu" else 0
     host = available_memory(torch.device("cpu")) if device.type != "cpu" else None
-    return plan_memory(config, shape, longest, device, runtime, available, training, world_size, generator_items, host)
+
+    def plan_for(run_config: RunConfig) -> MemoryPlan:
+        return plan_memory(
+            run_config, shape, longest, device, runtime, available, training, world_size, generator_items, host
+        )
+
+    if config.optim.micro_batch_size == "auto":
+        return plan_auto_micro_batch(config, plan_for, world_size)
+    return plan_for(config)
+
+
+def with_micro_batch(config: RunConfig, size: int) -> RunConfig:
+    """``config`` with ``optim.micro_batch_size`` set to ``size`` (an ``auto`` resolved)."""
+    return config.model_copy(update={"optim": config.optim.model_copy(update={"micro_batch_size": size})})
+
+
+def micro_batch_cap(config: RunConfig, world_size: int = 1) -> int:
+    """The most sequences one rank's micro-batch can ever hold: its share of one optimizer batch
+    (``optim.batch_size``, or every response a step can produce); a larger one would only be padding."""
+    rs = config.rs
+    per_prompt = rs.pool_max_rollouts() if rs.prompt_pool is not None else rs.max_rollouts()
+    batch = config.optim.batch_size or rs.prompts_per_step * per_prompt
+    return max(1, -(-batch // max(1, world_size)))
+
+
+def plan_auto_micro_batch(
+    config: RunConfig, plan_for: Callable[[RunConfig], MemoryPlan], world_size: int = 1
+) -> MemoryPlan:
+    """``optim.micro_batch_size: auto``: the plan of the largest micro-batch whose training peak leaves
+    ``optim.micro_batch_headroom`` of the available memory free (the plan is an estimate: within
+    about 10% of the measured peak on GPU, 25% on CPU). The training peak grows with the micro-batch
+    (its activations), so a bisection over 1..cap finds it. With the memory unknown (a dry run for a
+    GPU this machine lacks) it plans 8 (or the cap, if smaller); when not even 1 fits, 1, and the plan
+    refuses the run as any other would."""
+    cap = micro_batch_cap(config, world_size)
+    smallest = plan_for(with_micro_batch(config, 1))
+    if smallest.available is None:
+        size = min(8, cap)
+        plan = plan_for(with_micro_batch(config, size))
+        plan.notes.append(f"optim.micro_batch_size auto: {size} (the available memory is unknown)")
+    else:
+        budget = (1 - config.optim.micro_batch_headroom) * smallest.available
+        low, high = 1, cap  # invariant: low fits (or is 1); everything above high does not
+        while low < high:
+            middle = (low + high + 1) // 2
+            if plan_for(with_micro_batch(config, middle)).training_peak <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        size = low
+        plan = plan_for(with_micro_batch(config, size))
+        room = f"{1 - config.optim.micro_batch_headroom:.0%} of {format_bytes(smallest.available)}"
+        if smallest.training_peak > budget:
+            why = f"the smallest: not even 1 sequence keeps the training peak within {room}"
+        elif size == cap:
+            why = f"a whole optimizer batch; its training peak fits in {room}"
+        else:
+            why = f"the largest whose training peak fits in {room}; a whole optimizer batch is {cap}"
+        plan.notes.append(f"optim.micro_batch_size auto: {size} ({why})")
+    plan.micro_batch_size = size
+    return plan
 
 
 def layer_activation_bytes(shape: ModelShape, s: int, lora: Any) -> int:

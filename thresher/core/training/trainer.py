@@ -227,9 +227,12 @@ class Trainer:
         dist: Distributed | None = None,
         on_micro_batch: Callable[[], None] | None = None,
     ):
+        if config.micro_batch_size == "auto":
+            raise ValueError("Trainer needs a micro-batch size: the memory plan resolves optim.micro_batch_size auto")
         self.model = model
         self.loss_fn = loss_fn
         self.config = config
+        self.micro_batch_size: int = config.micro_batch_size
         self.max_steps = max_steps
         self.pad_id = pad_id
         self.device = device
@@ -329,7 +332,7 @@ class Trainer:
         the same micro-batches (FSDP needs the same forwards on every rank)."""
         missing = [i for i, s in enumerate(sequences) if s.old_logprobs is None]
         out = list(sequences)
-        micro = self.config.micro_batch_size
+        micro = self.micro_batch_size
         for start in range(0, len(missing), micro):
             chunk = [sequences[i] for i in missing[start : start + micro]]
             input_ids, attention_mask, response_mask = collate(chunk, self.pad_id, self.device)
@@ -345,7 +348,7 @@ class Trainer:
         size = min(self.config.batch_size or num_sequences, num_sequences) or 1
         batches = [min(size, num_sequences - i) for i in range(0, num_sequences, size)]
         shares = [len(range(self.dist.rank, n, self.dist.world_size)) for n in batches]
-        per_epoch = sum(-(-share // self.config.micro_batch_size) for share in shares)
+        per_epoch = sum(-(-share // self.micro_batch_size) for share in shares)
         return per_epoch * self.config.epochs_per_step
 
     def _loss_metrics(self) -> dict[str, float]:
@@ -410,7 +413,7 @@ class Trainer:
         mine = ordered[self.dist.rank :: self.dist.world_size]
         # FSDP gathers parameters in every forward and reduces gradients in every backward, so every
         # rank must run as many micro-batches as the busiest one (extra ones count zero).
-        micro = self.config.micro_batch_size
+        micro = self.micro_batch_size
         passes = max(-(-len(ordered[r :: self.dist.world_size]) // micro) for r in range(self.dist.world_size))
         filler = ordered[0] if self.sharded else None
         try:
