@@ -11,6 +11,11 @@ Prints wall time, real tokens/s (tokens the responses really have) and the speed
 is paid in a warm-up call on the measured shapes and printed separately. `--fixed-length` suppresses
 EOS so every response is `--tokens` long (random weights would otherwise stop at random). The vLLM
 row appears when vLLM is installed, with its start-up and weight-refresh times.
+
+`--profile` adds, for each variant, where one measured call's time goes (torch.profiler, after the
+warm-up): device time by kind of kernel (matmul, attention, sampling, norms, copies and indexing,
+other elementwise) and, on CUDA, the share of the wall time the device sat idle (launch gaps and
+host work between kernels) — what separates a decoder from the card's matmul rate.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def main() -> None:
         help="comma-separated variants: generate, generate-static, fast, fast-variants, static, static-eager, vllm "
         "(default all; generate-static and static on CUDA only)",
     )
+    parser.add_argument("--profile", action="store_true", help="print where one call's time goes, by kernel kind")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.shape:
@@ -132,6 +138,8 @@ def main() -> None:
         tokens = sum(len(r.response_ids) for r in rollouts)
         base = base or wall
         print(f"{name:<40} {wall:>7.2f} {tokens / wall:>10.0f} {base / wall:>7.2f}x {warmup:>9.1f}")
+        if args.profile:
+            print(profile_breakdown(lambda g=generator: g.generate(prompts, args.n, seed=0), device))
         if name == "vllm":
             refresh = []
             for _ in range(3):
@@ -147,6 +155,73 @@ def main() -> None:
         del generator
         if cuda:
             torch.cuda.empty_cache()
+
+
+# Kernel and operator names, lower-cased, by what they do (first match wins; order matters).
+KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "matmul", "::mm", "::bmm", "::addmm", "::linear", "cutlass", "xmma", "splitk", "cublas")),
+    (
+        "sampling",
+        (
+            "softmax",
+            "multinomial",
+            "exponential",
+            "uniform",
+            "aten::log",
+            "exp_",
+            "topk",
+            "sort",
+            "argmax",
+            "cumsum",
+            "rand",
+            "max",
+        ),
+    ),
+    ("norm", ("norm", "rsqrt", "mean", "pow")),
+    (
+        "copy/index",
+        ("copy", "cat", "index", "scatter", "gather", "embedding", "fill", "slice", "select", "view", "contiguous"),
+    ),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other elementwise"
+
+
+def profile_breakdown(call: Callable[[], Any], device: torch.device) -> str:
+    """One call under torch.profiler: self time by kind of kernel (device kernels on CUDA, operators'
+    own CPU time on a CPU), and on CUDA how much of the wall time no kernel ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    by_kind: dict[str, float] = {}
+    for event in prof.key_averages():
+        # on CUDA the kernels' device time (CPU-side operators have none of their own)
+        spent = float(getattr(event, "self_device_time_total", 0.0)) if cuda else float(event.self_cpu_time_total)
+        if spent > 0:
+            by_kind[kernel_kind(event.key)] = by_kind.get(kernel_kind(event.key), 0.0) + spent
+    busy = sum(by_kind.values())
+    lines = [f"  profile of one call: {wall_us / 1e3:.1f} ms wall; {'device' if cuda else 'CPU'} time by kind:"]
+    for kind, spent in sorted(by_kind.items(), key=lambda item: -item[1]):
+        lines.append(f"    {kind:<18} {spent / 1e3:>9.1f} ms {100 * spent / busy:>5.1f}%")
+    if cuda:
+        idle = max(0.0, wall_us - busy)
+        lines.append(
+            f"    device idle (launch gaps, host work) {idle / 1e3:.1f} ms = {100 * idle / wall_us:.0f}% of the wall"
+        )
+    return "\n".join(lines)
 
 
 def _sync(device: torch.device) -> None:

@@ -46,6 +46,9 @@ if part generation; then
     --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,generate-static,fast,static || status=1
   timeout 120 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
     --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,fast,static || status=1
+  echo "-- where the static decoder's time goes at the 1.07B shape (issue 27): device time by kernel kind, idle"
+  timeout 120 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
+    --prompts 64 --n 8 --tokens 128 --repeats 1 --only static --profile || status=1
   [ "$HAVE_VLLM" = 1 ] && { timeout 200 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda \
     --dtype bfloat16 --prompts 64 --n 8 --tokens 128 --only vllm || status=1; }
 fi

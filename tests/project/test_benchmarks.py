@@ -73,6 +73,18 @@ def test_gpu_step_plans_the_full_8b_shape_for_an_80gb_card_without_a_gpu():
     assert "DOES NOT FIT" in full and "not even 1 sequence" in full
 
 
+def test_generation_benchmark_profiles_where_a_call_goes():
+    out = run(
+        "benchmarks/generation.py", "--shape", "tiny", "--fixed-length", "--prompts", "2", "--n", "2",
+        "--tokens", "4", "--only", "static", "--profile",
+    )  # fmt: skip
+    assert "profile of one call:" in out and "CPU time by kind:" in out
+    rows = [re.match(r"\s+(\S.*?)\s+([\d.]+) ms\s+([\d.]+)%$", line) for line in out.splitlines()]
+    shares = {m.group(1): float(m.group(3)) for m in rows if m}
+    assert shares.get("matmul", 0) > 5, out  # the projections are there, named as such
+    assert abs(sum(shares.values()) - 100) < 1, out
+
+
 def test_generation_benchmark_on_a_random_shape_at_fixed_length():
     out = run(
         "benchmarks/generation.py", "--shape", "tiny", "--fixed-length", "--prompts", "2", "--n", "2",
