@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default="all",
-        help="comma-separated variants: generate, generate-static, fast, fast-variants, static, static-eager, vllm "
+        help="comma-separated variants: generate, generate-static, fast, fast-variants, static, static-eager, "
+        "static-compiled, vllm "
         "(default all; generate-static and static on CUDA only)",
     )
     parser.add_argument("--profile", action="store_true", help="print where one call's time goes, by kernel kind")
@@ -93,6 +94,11 @@ def main() -> None:
         "fast": ("fast: shared prefill + compaction", HFGenerator, {"decode": "fast"}),
         "static": ("static: CUDA graphs" if cuda else "static (eager on CPU)", HFGenerator, {"decode": "static"}),
         "static-eager": ("static: the same, no graphs", HFGenerator, {"decode": "static", "cuda_graphs": False}),
+        "static-compiled": (
+            "static + torch.compile'd step",
+            HFGenerator,
+            {"decode": "static", "compile_step": True},
+        ),
     }
     fast_variants = {
         "fast: the same, KV cache repeated": {"decode": "fast", "shared_kv": False},
@@ -101,7 +107,7 @@ def main() -> None:
     }
     variants: dict[str, Callable[[], Any]] = {}
     for key, (name, cls, options) in hf_variants.items():
-        default = key not in ("generate-static", "static-eager") or cuda
+        default = key not in ("generate-static", "static-eager", "static-compiled") or cuda
         if (wanted is None and default) or (wanted and key in wanted):
             variants[name] = lambda cls=cls, options=options: cls(cls.Config(**sampling, **options), context)
     if (wanted is None and not cuda) or (wanted and "fast-variants" in wanted):
@@ -159,6 +165,7 @@ def main() -> None:
 
 # Kernel and operator names, lower-cased, by what they do (first match wins; order matters).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("fused (compiled)", ("triton_", "cpp_fused")),  # torch.compile's generated kernels
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
     ("matmul", ("gemm", "matmul", "::mm", "::bmm", "::addmm", "::linear", "cutlass", "xmma", "splitk", "cublas")),
     (
@@ -207,15 +214,25 @@ def profile_breakdown(call: Callable[[], Any], device: torch.device) -> str:
         _sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
     by_kind: dict[str, float] = {}
+    launches: dict[str, int] = {}
     for event in prof.key_averages():
         # on CUDA the kernels' device time (CPU-side operators have none of their own)
         spent = float(getattr(event, "self_device_time_total", 0.0)) if cuda else float(event.self_cpu_time_total)
         if spent > 0:
-            by_kind[kernel_kind(event.key)] = by_kind.get(kernel_kind(event.key), 0.0) + spent
+            kind = kernel_kind(event.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + spent
+            launches[kind] = launches.get(kind, 0) + int(event.count)
     busy = sum(by_kind.values())
-    lines = [f"  profile of one call: {wall_us / 1e3:.1f} ms wall; {'device' if cuda else 'CPU'} time by kind:"]
+    unit = "kernels" if cuda else "operator calls"
+    lines = [
+        f"  profile of one call: {wall_us / 1e3:.1f} ms wall, {sum(launches.values())} {unit}; "
+        f"{'device' if cuda else 'CPU'} time by kind (share, count, mean per {unit[:-1]}):"
+    ]
     for kind, spent in sorted(by_kind.items(), key=lambda item: -item[1]):
-        lines.append(f"    {kind:<18} {spent / 1e3:>9.1f} ms {100 * spent / busy:>5.1f}%")
+        count = launches[kind]
+        lines.append(
+            f"    {kind:<18} {spent / 1e3:>9.1f} ms {100 * spent / busy:>5.1f}% {count:>8} x {spent / count:>7.1f} us"
+        )
     if cuda:
         idle = max(0.0, wall_us - busy)
         lines.append(

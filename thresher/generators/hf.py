@@ -46,6 +46,12 @@ class HFGenerator:
             "supports), fast elsewhere — the fastest measured on each device.",
         )
         cuda_graphs: bool = Field(True, description="static decode on CUDA: replay captured graphs (false: eager).")
+        compile_step: bool = Field(
+            False,
+            description="static decode: compile the model's part of a decode step with torch.compile before the "
+            "graphs are captured (fewer, fused kernels; costs one or two compilations per decoder, about a "
+            "minute each). Off by default until a GPU measurement says it pays; see docs/performance.md.",
+        )
         merge_lora: bool = Field(
             True,
             description="static decode of a LoRA policy: sample from merged copies of the adapted weights "
@@ -212,6 +218,7 @@ class HFGenerator:
                 use_graphs=cfg.cuda_graphs,
                 compaction=cfg.compaction,
                 merged=self._merged_buffers() if cfg.merge_lora else None,
+                compile=cfg.compile_step,
             )
         before = decoder.capture_seconds
         results = decoder.decode(

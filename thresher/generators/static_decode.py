@@ -102,6 +102,7 @@ class StaticDecoder:
         sync_every: int = 8,
         compaction: bool = True,
         merged: dict[Any, torch.Tensor] | None = None,
+        compile: bool = False,
     ):
         self.model, self.shape, self.pad_id = model, shape, pad_id
         self.device = next(model.parameters()).device
@@ -143,12 +144,32 @@ class StaticDecoder:
         # LoRA-adapted linears decode from a merged copy of their weight (refreshed every call): the
         # unmerged adapter adds two small matmuls per linear, which cost more than the big one here.
         self.merged = merged if merged is not None else {}
+        # torch.compile fuses the step's many small kernels (norms, rotary, the attention's reshapes and
+        # softmax) into a few; dynamic shapes, so one compilation serves every bucket's batch size.
+        self.compiled = compile
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self._model_step, dynamic=True) if compile else self._model_step
+        )
 
     # --- one decode step, over the first ``batch`` rows ------------------------------------------
 
     def _step(self, batch: int) -> None:
         """Feed token slot t of the first ``batch`` rows, then sample slot t + 1 into ``tokens``."""
         rows = self.active[:batch]
+        t = self.step_index
+        logits = self._forward(rows)
+        chosen = self._sample(logits, rows)
+        self.tokens.index_put_((rows, t + 1), chosen)
+        self.logprobs.index_put_((rows, t + 1), _logprob_of(logits, chosen))
+        self.finished.index_put_((rows,), self.finished.index_select(0, rows) | torch.isin(chosen, self.eos))
+        self.step_index.add_(1)
+
+    def _model_step(self, rows: torch.Tensor) -> torch.Tensor:
+        """The model's part of a step: token slot t of ``rows`` through every layer (writing its keys
+        and values into slot t of the suffix caches), to float32 logits ``(batch, vocab)``. This is
+        what ``compile=True`` hands to torch.compile; sampling stays eager, so its random draws are
+        torch's own and a seed gives the same noise either way."""
+        batch = rows.shape[0]
         t = self.step_index
         token = self.tokens.index_select(0, rows).index_select(1, t.view(1)).view(batch)
         position = (self.next_position.index_select(0, rows) + t).view(batch, 1)
@@ -171,12 +192,7 @@ class StaticDecoder:
             out = self._attention(index, q, rows, batch, suffix_bias, attn.scaling)
             hidden = hidden + self._linear(attn.o_proj, out.reshape(batch, 1, self.heads * self.head_dim))
             hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-        logits = self.model.get_output_embeddings()(inner.norm(hidden)).view(batch, -1).float()
-        chosen = self._sample(logits, rows)
-        self.tokens.index_put_((rows, t + 1), chosen)
-        self.logprobs.index_put_((rows, t + 1), _logprob_of(logits, chosen))
-        self.finished.index_put_((rows,), self.finished.index_select(0, rows) | torch.isin(chosen, self.eos))
-        self.step_index.add_(1)
+        return self.model.get_output_embeddings()(inner.norm(hidden)).view(batch, -1).float()
 
     def _linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """The module, or for a LoRA-adapted one its merged weight (one matmul instead of three)."""
