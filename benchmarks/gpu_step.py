@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 3; tiny: 2")
     parser.add_argument("--decode", default=None, help="generator.decode (default: the generator's)")
     parser.add_argument("--no-merge", action="store_true", help="LoRA: decode through the adapters, not merged weights")
+    parser.add_argument("--compile-step", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--tokenizer", default=None, help="a directory with SmolLM2's tokenizer files")
     parser.add_argument("--plan-gb", type=float, default=None, help="only print the plan for a CUDA card of GiB")
     args = parser.parse_args()
@@ -129,6 +130,8 @@ def main() -> None:
         generator["decode"] = args.decode
     if args.no_merge:
         generator["merge_lora"] = False
+    if args.compile_step:
+        generator["compile_step"] = True
     raw = {
         "model": {"path": model_path, "dtype": dtype, "device": str(device)},
         "data": {"train": "builtin:addition_train", "chat_template": "auto"},

@@ -49,8 +49,8 @@ class HFGenerator:
         compile_step: bool = Field(
             False,
             description="static decode: compile the model's part of a decode step with torch.compile before the "
-            "graphs are captured (fewer, fused kernels; costs one or two compilations per decoder, about a "
-            "minute each). Off by default until a GPU measurement says it pays; see docs/performance.md.",
+            "graphs are captured (fewer, fused kernels; costs one compilation per decoder, about 2 minutes for "
+            "a 135M model on a 2-core CPU). Off by default until a GPU measurement says it pays; see docs/gpu.md.",
         )
         merge_lora: bool = Field(
             True,

@@ -145,10 +145,11 @@ class StaticDecoder:
         # unmerged adapter adds two small matmuls per linear, which cost more than the big one here.
         self.merged = merged if merged is not None else {}
         # torch.compile fuses the step's many small kernels (norms, rotary, the attention's reshapes and
-        # softmax) into a few; dynamic shapes, so one compilation serves every bucket's batch size.
+        # softmax) into a few. Only the batch dimension is dynamic (marked in _step), so one compilation
+        # serves every bucket and the buffers' fixed shapes stay constants in the generated code.
         self.compiled = compile
         self._forward: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(self._model_step, dynamic=True) if compile else self._model_step
+            torch.compile(self._model_step) if compile else self._model_step
         )
 
     # --- one decode step, over the first ``batch`` rows ------------------------------------------
@@ -157,6 +158,8 @@ class StaticDecoder:
         """Feed token slot t of the first ``batch`` rows, then sample slot t + 1 into ``tokens``."""
         rows = self.active[:batch]
         t = self.step_index
+        if self.compiled:  # the batch size varies by bucket; every buffer's shape is fixed
+            torch._dynamo.maybe_mark_dynamic(rows, 0)
         logits = self._forward(rows)
         chosen = self._sample(logits, rows)
         self.tokens.index_put_((rows, t + 1), chosen)
