@@ -102,6 +102,30 @@ def test_an_8b_policy_plans_to_fit_80gb_only_with_lora_and_checkpointing(tmp_pat
     assert both.fits, both.render()
 
 
+def test_a_micro_batch_larger_than_a_step_is_planned_at_what_the_step_holds(tmp_path, tiny_tokenizer, registry):
+    """2 prompts × N = 2 make at most 4 training sequences a step: micro_batch_size 8 trains them in
+    one micro-batch of 4 (micro-batches are cut from the step's sequences, never padded up), so its
+    activations are planned as 4's, not 8's; over 2 ranks each holds 2."""
+    model_dir = llama_8b_dir(tmp_path / "llama8b", tiny_tokenizer)
+    raw = yaml.safe_load((ROOT / "thresher" / "presets" / "tiny.yaml").read_text())
+    raw["model"] = {"path": str(model_dir), "dtype": "bfloat16", "lora": {"r": 16}}
+    raw["rs"].update(prompts_per_step=2, num_rollouts_per_prompt=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    def activations(micro_batch: int, world_size: int = 1):
+        config = load_config(path, [f"optim.micro_batch_size={micro_batch}"], registry)
+        shape = model_shape(__import__("transformers").AutoConfig.from_pretrained(model_dir), config.model.lora)
+        plan = plan_memory(config, shape, 512, torch.device("cuda"), available=80 * GiB, world_size=world_size)
+        return next(item for item in plan.items if item.name == "activations")
+
+    eight, four, three = activations(8), activations(4), activations(3)
+    assert eight.bytes == four.bytes > three.bytes
+    assert "4 sequences" in eight.detail and "all a step can hold, under micro_batch_size 8" in eight.detail
+    assert "under micro_batch_size" not in four.detail
+    assert activations(8, world_size=2).bytes == activations(2).bytes  # each rank's share: 2
+
+
 def test_auto_micro_batch_is_the_largest_whose_training_peak_leaves_the_headroom(tmp_path, tiny_tokenizer, registry):
     """Llama-3-8B's shape, LoRA + checkpointing, 64 prompts × N = 8 on an 80 GiB card: the bisection's
     pick against the plan of every micro-batch from 1 to a whole optimizer batch (512)."""

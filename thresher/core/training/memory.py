@@ -284,7 +284,7 @@ def plan_memory(
     if device.type == "cpu":  # held through the step, in the same memory as everything else
         items.append(rollouts)
     if training:
-        items.append(_activations(config, shape, prompt_tokens, s))
+        items.append(_activations(config, shape, prompt_tokens, s, world_size))
     else:
         items = [item if item.name == "weights" else PlanItem(item.name, 0, "not training") for item in items]
         items.append(PlanItem("activations", 0, "not training"))
@@ -318,11 +318,14 @@ def _rollouts(config: RunConfig) -> PlanItem:
     )
 
 
-def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int) -> PlanItem:
+def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: int, world_size: int) -> PlanItem:
     new_tokens = sampling_params(config).max_new_tokens
-    batch = config.optim.micro_batch_size
-    if batch == "auto":
+    configured = config.optim.micro_batch_size
+    if configured == "auto":
         raise ValueError("plan_memory needs a micro-batch size: plan_run_memory resolves optim.micro_batch_size auto")
+    # A micro-batch never holds more than a rank's share of one optimizer batch (micro-batches are
+    # cut from it, not padded up to the size): planning the configured size would over-plan small runs.
+    batch = min(configured, micro_batch_cap(config, world_size))
     length = prompt_tokens + new_tokens
     tokens = batch * length
     per_layer = layer_activation_bytes(shape, s, config.model.lora)
@@ -340,7 +343,8 @@ def _activations(config: RunConfig, shape: ModelShape, prompt_tokens: int, s: in
     shrink = "optim.micro_batch_size (smaller) or data.max_prompt_tokens / generator.max_new_tokens"
     if not checkpointing:
         shrink = "optim.activation_checkpointing=true, or a smaller optim.micro_batch_size"
-    return PlanItem("activations", total, detail + " (one micro-batch)", shrink)
+    whole = f": all a step can hold, under micro_batch_size {configured}" if batch < configured else ""
+    return PlanItem("activations", total, f"{detail} (one micro-batch{whole})", shrink)
 
 
 def plan_run_memory(
