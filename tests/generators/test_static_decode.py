@@ -41,6 +41,20 @@ def gqa_model(tokenizer, model_type: str = "llama"):
     return model.eval()
 
 
+def trained_lora_model(tokenizer):
+    """:func:`gqa_model` with LoRA adapters (r 4) whose B is not zero, as after some training."""
+    from thresher.core.config import LoraOptions
+    from thresher.core.training.lora import apply_lora
+
+    model = gqa_model(tokenizer)
+    apply_lora(model, LoraOptions(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.05)
+    return model
+
+
 def finish_early(model, tokenizer, characters: str) -> None:
     """Make these characters end a response, so rows finish at different steps (compaction)."""
     extra = [tokenizer.convert_tokens_to_ids(c) for c in characters]
@@ -163,15 +177,7 @@ def test_auto_is_the_fast_eager_loop_on_cpu_and_static_needs_a_supported_model(t
 def test_a_lora_policy_decodes_the_same_from_merged_weights(tiny_tokenizer):
     """Trained adapters (B ≠ 0): greedy answers from the merged weights equal peft's unmerged
     forward (transformers' generate() on the adapted model) token for token."""
-    from thresher.core.config import LoraOptions
-    from thresher.core.training.lora import apply_lora
-
-    model = gqa_model(tiny_tokenizer)
-    apply_lora(model, LoraOptions(r=4, alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0, 0.05)
+    model = trained_lora_model(tiny_tokenizer)
     finish_early(model, tiny_tokenizer, "aeiou ")
     got = {}
     for label, options in {
@@ -197,15 +203,7 @@ def test_a_compiled_step_samples_what_the_eager_step_samples(tiny_tokenizer):
     float noise, as the eager step; and it really was compiled (dynamo built graphs for it)."""
     from torch._dynamo.utils import counters
 
-    from thresher.core.config import LoraOptions
-    from thresher.core.training.lora import apply_lora
-
-    model = gqa_model(tiny_tokenizer)
-    apply_lora(model, LoraOptions(r=4, alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0, 0.05)
+    model = trained_lora_model(tiny_tokenizer)
     finish_early(model, tiny_tokenizer, "xyz")
     got = {}
     for compiled in (False, True):
